@@ -1,0 +1,28 @@
+# Set-up and entry points. `make test` and `make demo` each create .venv on
+# first use and install tfopt into it with its development extras.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m tfopt.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/pruning_overhead.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

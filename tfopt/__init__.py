@@ -1,0 +1,30 @@
+"""tfopt: make Keras models smaller and faster to serve.
+
+Prune and quantize inside your own ``fit()``, strip, export, and measure.
+
+Example:
+    >>> import tfopt
+    >>> pruned = tfopt.prune(model, tfopt.PolynomialDecay(0.0, 0.8, 0, 1000))
+    >>> pruned.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])
+    >>> pruned.fit(x, y, epochs=5, callbacks=[tfopt.callbacks.PruningStep()])
+    >>> plain = tfopt.strip(pruned)
+    >>> tfopt.sparsity(plain)
+"""
+
+from tfopt import callbacks, datasets, errors
+from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
+from tfopt.strip import strip
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConstantSparsity",
+    "PolynomialDecay",
+    "__version__",
+    "callbacks",
+    "datasets",
+    "errors",
+    "prune",
+    "sparsity",
+    "strip",
+]

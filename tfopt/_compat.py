@@ -1,0 +1,154 @@
+"""Version branches and private imports, in one place.
+
+tfopt supports two Keras families behind one API:
+
+* Keras 3 (``keras`` and the ``tf.keras`` of TensorFlow 2.16+), which tfopt
+  handles itself, and
+* ``tf_keras`` (Keras 2), which tfopt hands to tensorflow-model-optimization
+  (tfmot).
+
+Everything that depends on which one a model belongs to, or that reaches into
+a private Keras attribute, lives here so that the rest of the package reads as
+plain Keras.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+from typing import Any, Iterator
+
+import keras
+
+from tfopt.errors import ModelNotBuiltError, NotAKerasModelError
+
+_LEGACY_ENV = "TF_USE_LEGACY_KERAS"
+
+
+def is_tf_keras_object(obj: Any) -> bool:
+    """True if ``obj`` is an instance of a class from the ``tf_keras`` package.
+
+    Checked through the class hierarchy by module name, so that ``tf_keras``
+    is never imported just to answer the question.
+    """
+    return any(
+        (cls.__module__ or "").split(".")[0] == "tf_keras" for cls in type(obj).__mro__
+    )
+
+
+def check_keras_model(model: Any, *, what: str = "model") -> str:
+    """Return ``"keras3"`` or ``"tf_keras"`` for a model, or raise a clear error."""
+    if isinstance(model, keras.Model):
+        if keras.backend.backend() != "tensorflow":
+            raise NotAKerasModelError(
+                f"tfopt needs Keras' TensorFlow backend, but Keras is running on "
+                f"{keras.backend.backend()!r}. Set KERAS_BACKEND=tensorflow before "
+                "importing keras."
+            )
+        return "keras3"
+    if is_tf_keras_object(model):
+        import tf_keras  # already imported: the model comes from it
+
+        if isinstance(model, tf_keras.Model):
+            return "tf_keras"
+    raise NotAKerasModelError(
+        f"Expected a Keras model as `{what}`, got {type(model).__module__}."
+        f"{type(model).__qualname__}. Pass a keras.Model (Sequential, functional "
+        "or subclassed) or a tf_keras.Model."
+    )
+
+
+def check_built(model: keras.Model) -> None:
+    """Raise if a Keras 3 model has not created its weights yet."""
+    if not model.built or (not model.weights and _has_sublayers(model)):
+        raise ModelNotBuiltError(
+            f"Model {model.name!r} is not built, so its layers have no weights to "
+            "prune yet. Build it first: call it once on a batch (model(x[:1])) or "
+            "call model.build(input_shape)."
+        )
+
+
+def _has_sublayers(layer: keras.layers.Layer) -> bool:
+    return bool(direct_sublayers(layer))
+
+
+def direct_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    """The layers a layer tracks directly (one level down), in tracking order."""
+    return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def is_graph_model(layer: Any) -> bool:
+    """True for Sequential and functional models (whose layers form a graph)."""
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, (keras.Sequential, Functional))
+
+
+def replace_sublayer(parent: keras.layers.Layer, old: keras.layers.Layer,
+                     new: keras.layers.Layer) -> None:
+    """Swap a tracked sublayer of ``parent`` in place, keeping Keras' tracking.
+
+    Attributes, lists and dicts of the parent that refer to ``old`` are made
+    to refer to ``new``; Keras' list of tracked layers is updated the same way.
+    """
+    parent._tracker.replace_tracked_value("layers", old, new)
+    for name, value in list(vars(parent).items()):
+        if value is old:
+            object.__setattr__(parent, name, new)
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if item is old:
+                    list.__setitem__(value, i, new)
+        elif isinstance(value, dict):
+            for key, item in list(value.items()):
+                if item is old:
+                    dict.__setitem__(value, key, new)
+
+
+def reset_compiled_functions(model: keras.Model) -> None:
+    """Drop a model's traced train/test/predict functions so they are rebuilt."""
+    for attr in ("train_function", "test_function", "predict_function"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+
+
+def retrace_train_function(model: keras.Model) -> None:
+    """Make ``fit()`` use a freshly traced train step from here on.
+
+    Also clears a train function left half-traced by an exception.
+    """
+    model.make_train_function(force=True)
+
+
+@contextlib.contextmanager
+def _legacy_keras_env_preserved() -> Iterator[None]:
+    """Undo tfmot's import-time ``os.environ['TF_USE_LEGACY_KERAS'] = '1'``.
+
+    ``tf.keras`` is resolved lazily; binding it before tfmot is imported makes
+    it keep meaning what it meant to the caller, and restoring the variable
+    afterwards keeps later imports (and subprocesses) unaffected.
+    """
+    import tensorflow as tf
+
+    before = os.environ.get(_LEGACY_ENV)
+    tf.keras.Model  # noqa: B018 - resolves the lazy loader with the caller's setting
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(_LEGACY_ENV, None)
+        else:
+            os.environ[_LEGACY_ENV] = before
+
+
+def import_tfmot() -> Any:
+    """Import tensorflow_model_optimization without its global side effect."""
+    try:
+        with _legacy_keras_env_preserved():
+            return importlib.import_module("tensorflow_model_optimization")
+    except ImportError as exc:  # pragma: no cover - it is a declared dependency
+        raise ImportError(
+            "tf_keras models are pruned and quantized by tensorflow-model-optimization"
+            ", which is not installed: pip install tensorflow-model-optimization"
+        ) from exc

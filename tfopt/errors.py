@@ -1,0 +1,46 @@
+"""Exceptions raised by tfopt.
+
+Every user-facing mistake raises a subclass of :class:`ValueError` or
+:class:`TypeError`, so code that already catches those keeps working, and each
+message names the value received and how to fix it.
+"""
+
+
+class TfoptError(Exception):
+    """Base class of every exception tfopt raises on purpose."""
+
+
+class NotAKerasModelError(TfoptError, TypeError):
+    """An argument that must be a Keras model (Keras 3 or tf_keras) is not one."""
+
+
+class ConfigError(TfoptError, ValueError):
+    """A configuration value (schedule, pattern, option) is out of range."""
+
+
+class ModelNotBuiltError(TfoptError, ValueError):
+    """The model has no weights yet, so its layers cannot be inspected."""
+
+
+class NothingToPruneError(TfoptError, ValueError):
+    """`tfopt.prune` found no layer that it can prune."""
+
+
+class AlreadyPrunedError(TfoptError, ValueError):
+    """The model already carries pruning wrappers."""
+
+
+class IncompatibleShapeError(TfoptError, ValueError):
+    """A weight's shape does not allow the requested sparsity pattern."""
+
+
+class PruningStepMissingError(TfoptError, ValueError):
+    """A pruned model is being trained without `tfopt.callbacks.PruningStep`."""
+
+
+class UnsupportedLayerError(TfoptError, ValueError):
+    """A layer that the requested operation cannot handle."""
+
+
+class ExportValidationError(TfoptError, ValueError):
+    """An exported artifact's outputs drifted from the Keras model's."""

@@ -1,0 +1,263 @@
+"""`prune`, `strip_pruning` and `sparsity`: the pruning entry points."""
+
+from __future__ import annotations
+
+import logging
+import numbers
+from typing import Callable, Iterable, Optional, Union
+
+import keras
+import numpy as np
+
+from tfopt import _compat
+from tfopt.errors import (
+    AlreadyPrunedError,
+    ConfigError,
+    IncompatibleShapeError,
+    NothingToPruneError,
+)
+from tfopt.pruning import _tfmot, _tree
+from tfopt.pruning._registry import is_prunable, prunable_weights
+from tfopt.pruning._schedules import PruningSchedule
+from tfopt.pruning._wrapper import PruneLowMagnitude
+
+logger = logging.getLogger(__name__)
+
+LayerSelection = Union[None, str, Iterable[str], Callable[[keras.layers.Layer], bool]]
+
+
+def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = None,
+          layers: LayerSelection = None):
+    """Return a model whose prunable weights are masked by magnitude during ``fit()``.
+
+    Prunable layers are Dense, EinsumDense (and so MultiHeadAttention's
+    projections), Conv1D/2D/3D and their transposed forms, DepthwiseConv1D/2D,
+    SeparableConv1D/2D (the pointwise kernel) and Embedding, wherever they sit:
+    in Sequential, functional or subclassed models, nested models or
+    composite layers. A custom layer opts in by defining
+    ``get_prunable_weights()``. Every other layer is left as it is.
+
+    Sequential and functional models are cloned around the same layer objects
+    (the returned model shares weights with ``model``, as with tfmot); a
+    subclassed model is changed in place and returned. ``tf_keras`` models are
+    handed to tfmot's ``prune_low_magnitude``.
+
+    Train the result with ``tfopt.callbacks.PruningStep()`` among the
+    callbacks, then call :func:`tfopt.strip` for a plain model.
+
+    Args:
+        model: A built Keras 3 or tf_keras model.
+        schedule: :class:`tfopt.ConstantSparsity` or :class:`tfopt.PolynomialDecay`.
+        n_m: ``(n, m)`` for ``n`` zeros in every ``m`` consecutive weights along
+            the input-channel axis (``(2, 4)`` for TensorRT's sparse tensor
+            cores). The schedule then only decides when masks are updated.
+            Layers without an input-channel axis (DepthwiseConv, Embedding) are
+            left dense and listed in the log.
+        layers: Which prunable layers to prune: a layer name, a list of names,
+            or a predicate ``layer -> bool``. ``None`` prunes all of them.
+
+    Returns:
+        The pruned model.
+
+    Raises:
+        NotAKerasModelError: ``model`` is not a Keras model.
+        AlreadyPrunedError: ``model`` already carries pruning wrappers.
+        NothingToPruneError: no layer of ``model`` can be (or was selected to be) pruned.
+        IncompatibleShapeError: with ``n_m``, an input-channel count is not a
+            multiple of ``m``.
+        ConfigError: an invalid ``schedule``, ``n_m`` or ``layers``.
+
+    Example:
+        >>> model = tfopt.prune(model, tfopt.PolynomialDecay(0.0, 0.8, 0, 1000))
+        >>> model.compile("adam", "sparse_categorical_crossentropy")
+        >>> model.fit(x, y, epochs=2, callbacks=[tfopt.callbacks.PruningStep()])
+        >>> plain = tfopt.strip(model)
+    """
+    kind = _compat.check_keras_model(model)
+    if not isinstance(schedule, PruningSchedule):
+        raise ConfigError(
+            f"schedule must be a tfopt pruning schedule, got {schedule!r}. Use "
+            "tfopt.ConstantSparsity(0.5) or tfopt.PolynomialDecay(0.0, 0.8, begin_step=0, "
+            "end_step=1000)."
+        )
+    n_m = _check_n_m(n_m)
+    if n_m is not None and abs(schedule.final_sparsity - n_m[0] / n_m[1]) > 1e-6:
+        logger.warning(
+            "n_m=%s fixes sparsity at %.3f; the schedule's target %.3f only decides "
+            "when masks are updated.", n_m, n_m[0] / n_m[1], schedule.final_sparsity,
+        )
+    select = _selector(layers)
+    if kind == "tf_keras":
+        if _tfmot.is_pruned(model):
+            raise AlreadyPrunedError(_ALREADY_PRUNED.format(name=model.name))
+        return _tfmot.prune(model, schedule, n_m, select)
+
+    _compat.check_built(model)
+    if is_pruned(model):
+        raise AlreadyPrunedError(_ALREADY_PRUNED.format(name=model.name))
+    to_prune = _plan(model, n_m, select, layers)
+    _compat.reset_compiled_functions(model)
+
+    def replace(layer):
+        if id(layer) not in to_prune:
+            return None
+        wrapper = PruneLowMagnitude(layer, schedule, n_m=n_m)
+        wrapper.build()  # create masks now, under the caller's distribution scope
+        return wrapper
+
+    pruned = _tree.rewrite(model, replace)
+    logger.info("Pruning %d layer(s) of %r with %r%s.", len(to_prune), model.name, schedule,
+                f", {n_m[0]}:{n_m[1]} structured" if n_m else "")
+    return pruned
+
+
+_ALREADY_PRUNED = (
+    "Model {name!r} is already pruned. Prune the original model once, or call "
+    "tfopt.strip(model) first to bake the current masks in and prune again."
+)
+
+
+def _check_n_m(n_m) -> Optional[tuple[int, int]]:
+    if n_m is None:
+        return None
+    ok = (
+        isinstance(n_m, (tuple, list)) and len(n_m) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in n_m)
+    )
+    if not ok or not 0 < n_m[0] < n_m[1]:
+        raise ConfigError(
+            f"n_m must be a pair (n, m) of integers with 0 < n < m (n zeros in every m "
+            f"consecutive weights), got {n_m!r}. TensorRT's sparse tensor cores use (2, 4)."
+        )
+    return int(n_m[0]), int(n_m[1])
+
+
+def _selector(layers: LayerSelection) -> Optional[Callable[[keras.layers.Layer], bool]]:
+    if layers is None:
+        return None
+    if callable(layers):
+        return layers
+    names = {layers} if isinstance(layers, str) else set(layers)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"layers must be a layer name, a list of names or a predicate, got {layers!r}."
+        )
+    return lambda layer: layer.name in names
+
+
+def _plan(model, n_m, select, layers: LayerSelection) -> set[int]:
+    """Look at the whole model; return ids of layers to wrap, or raise one error."""
+    chosen: dict[int, str] = {}
+    prunable_names: list[str] = []
+    left_dense: list[str] = []
+    bad_shapes: list[str] = []
+    unsupported: list[str] = []
+    for path, layer in _tree.walk(model, stop=is_prunable):
+        if not is_prunable(layer):
+            if layer.weights and not _compat.direct_sublayers(layer):
+                unsupported.append(f"{path} ({type(layer).__name__})")
+            continue
+        prunable_names.append(layer.name)
+        if select is not None and not select(layer):
+            continue
+        if n_m is not None:
+            targets = prunable_weights(layer)
+            if any(t.group_axis is None for t in targets):
+                left_dense.append(f"{path} ({type(layer).__name__}: no input-channel axis)")
+                continue
+            for t in targets:
+                size = t.variable.shape[t.group_axis]
+                if size % n_m[1]:
+                    bad_shapes.append(
+                        f"{path}: {t.variable.name} has {size} input channels "
+                        f"(shape {tuple(t.variable.shape)}), not a multiple of {n_m[1]}"
+                    )
+        chosen[id(layer)] = path
+    if bad_shapes:
+        raise IncompatibleShapeError(
+            f"n_m={n_m} needs input-channel counts divisible by {n_m[1]}:\n  "
+            + "\n  ".join(bad_shapes)
+            + "\nChange those layers' input widths, or leave them out with "
+            "layers=lambda layer: layer.name not in {...}."
+        )
+    if layers is not None and isinstance(layers, (str, list, tuple, set)):
+        wanted = {layers} if isinstance(layers, str) else set(layers)
+        missing = sorted(wanted - set(prunable_names))
+        if missing:
+            raise ConfigError(
+                f"layers names {missing}, which are not prunable layers of {model.name!r}. "
+                f"Prunable layers: {sorted(set(prunable_names))}."
+            )
+    if not chosen:
+        found = "none" if not prunable_names else ", ".join(sorted(set(prunable_names)))
+        raise NothingToPruneError(
+            f"Nothing to prune in model {model.name!r} (prunable layers found: {found}"
+            + (f"; left dense under n_m: {', '.join(left_dense)}" if left_dense else "")
+            + "). tfopt prunes Dense, EinsumDense, Conv*, DepthwiseConv*, SeparableConv* and "
+            "Embedding layers; a custom layer opts in by defining get_prunable_weights()."
+        )
+    skipped = unsupported + left_dense
+    if skipped:
+        logger.info(
+            "Left unpruned (%d): %s. A custom layer opts in by defining "
+            "get_prunable_weights().", len(skipped), "; ".join(skipped),
+        )
+    return set(chosen)
+
+
+def _is_wrapper(layer) -> bool:
+    return isinstance(layer, PruneLowMagnitude)
+
+
+def wrappers(model) -> list[PruneLowMagnitude]:
+    """The pruning wrappers of a Keras 3 model, outermost first."""
+    return [layer for _, layer in _tree.walk(model, stop=_is_wrapper) if _is_wrapper(layer)]
+
+
+def is_pruned(model) -> bool:
+    """True if a model carries tfopt (Keras 3) or tfmot (tf_keras) pruning wrappers."""
+    if _compat.check_keras_model(model) == "tf_keras":
+        return _tfmot.is_pruned(model)
+    return bool(wrappers(model))
+
+
+def strip_pruning(model):
+    """Bake masks into the weights and remove the pruning wrappers.
+
+    Returns the model unchanged if it has no wrappers. See :func:`tfopt.strip`.
+    """
+    if _compat.check_keras_model(model) == "tf_keras":
+        return _tfmot.strip(model)
+    found = wrappers(model)
+    if not found:
+        return model
+    for wrapper in found:
+        for variable, masked in wrapper.masked_weights():
+            variable.assign(masked)
+    _compat.reset_compiled_functions(model)
+    return _tree.rewrite(model, lambda layer: layer.layer if _is_wrapper(layer) else None)
+
+
+def sparsity(model) -> dict[str, float]:
+    """Fraction of zeros of every prunable weight, keyed by the weight's path.
+
+    For a model still being pruned, the masked weights are counted (what the
+    model computes with); for a stripped or plain model, the weights as stored.
+
+    Example:
+        >>> tfopt.sparsity(tfopt.strip(model))
+        {'conv2d/kernel': 0.8, 'dense/kernel': 0.8}
+    """
+    if _compat.check_keras_model(model) == "tf_keras":
+        return _tfmot.sparsity(model)
+    result = {}
+    for _, layer in _tree.walk(model, stop=lambda la: _is_wrapper(la) or is_prunable(la)):
+        if _is_wrapper(layer):
+            pairs = layer.masked_weights()
+        elif is_prunable(layer) and layer.built:
+            pairs = [(t.variable, t.variable.value) for t in prunable_weights(layer)]
+        else:
+            continue
+        for variable, value in pairs:
+            result[variable.path] = float(np.mean(keras.ops.convert_to_numpy(value) == 0))
+    return result

@@ -1,0 +1,157 @@
+"""The Keras 3 layer wrapper that applies magnitude pruning masks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import keras
+import tensorflow as tf
+
+from tfopt.errors import PruningStepMissingError
+from tfopt.pruning import _masks
+from tfopt.pruning._registry import prunable_weights
+from tfopt.pruning._schedules import PruningSchedule
+
+# Every replica computes the same mask from the same (mirrored) weights, so the
+# first replica's value is the one to keep.
+_AGGREGATION = "only_first_replica"
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class PruneLowMagnitude(keras.layers.Wrapper):
+    """Masks the prunable weights of ``layer`` by magnitude as training proceeds.
+
+    The wrapped layer always computes with ``weight * mask``: the substitution
+    is done with :class:`keras.StatelessScope`, so the layer's own code is
+    untouched and gradients reach the unmasked weights only. In a training
+    call, on the steps the schedule names, masks are recomputed from the
+    magnitudes of the masked weights (so a pruned weight stays pruned) and the
+    pruning step advances, all inside the compiled train step.
+
+    Users do not create this class directly: :func:`tfopt.prune` wraps each
+    prunable layer, :func:`tfopt.strip` unwraps them with masks baked in.
+
+    Args:
+        layer: The layer to prune (built, or built from the first input shape).
+        schedule: A :class:`tfopt.pruning.PruningSchedule`.
+        n_m: ``(n, m)`` for ``n`` zeros in every ``m`` consecutive weights along
+            the input-channel axis, or ``None`` for unstructured pruning.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, schedule: PruningSchedule,
+                 n_m: Optional[tuple[int, int]] = None, **kwargs):
+        kwargs.setdefault("name", f"pruned_{layer.name}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        # Read raw float32 weights here; the wrapped layer does its own autocast.
+        kwargs["autocast"] = False
+        super().__init__(layer, **kwargs)
+        self.schedule = schedule
+        self.n_m = tuple(n_m) if n_m else None
+        self.step_driven = False  # set by tfopt.callbacks.PruningStep during fit()
+        self._targets = []
+        self._masks = []
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        self._targets = prunable_weights(self.layer)
+        self._masks = [
+            self.add_weight(
+                name=f"{t.variable.name}_mask",
+                shape=t.variable.shape,
+                dtype=t.variable.dtype,
+                initializer="ones",
+                trainable=False,
+                aggregation=_AGGREGATION,
+            )
+            for t in self._targets
+        ]
+        self.pruning_step = self.add_weight(
+            name="pruning_step",
+            shape=(),
+            dtype="int64",
+            initializer="zeros",
+            trainable=False,
+            aggregation=_AGGREGATION,
+        )
+        self.built = True
+
+    def _new_mask(self, weight: tf.Tensor, group_axis, sparsity: tf.Tensor) -> tf.Tensor:
+        if self.n_m is None:
+            return _masks.magnitude_mask(weight, sparsity)
+        return _masks.n_m_mask(weight, self.n_m[0], self.n_m[1], group_axis)
+
+    def _advance(self) -> list[tf.Tensor]:
+        """Recompute masks if the schedule says so, advance the step; return masks."""
+        if not self.step_driven:
+            raise PruningStepMissingError(
+                f"Layer {self.name!r} is pruned, but fit() was called without the "
+                "callback that advances pruning. Add it: model.fit(..., callbacks="
+                "[tfopt.callbacks.PruningStep()]). In a custom training loop, call "
+                "cb = tfopt.callbacks.PruningStep(); cb.set_model(model); "
+                "cb.on_train_begin() before the loop."
+            )
+        should_prune, sparsity = self.schedule(self.pruning_step.value)
+        masks = []
+        for target, mask in zip(self._targets, self._masks):
+            current = mask.value
+            masked = tf.convert_to_tensor(target.variable.value) * current
+            # The update is computed in a cond and assigned outside it: an
+            # assignment inside control flow is not allowed on mirrored
+            # variables in a replica context.
+            new = tf.cond(
+                should_prune,
+                lambda m=masked, a=target.group_axis: self._new_mask(m, a, sparsity),
+                lambda c=current: tf.identity(c),
+            )
+            mask.assign(new)
+            masks.append(new)
+        self.pruning_step.assign_add(1)
+        return masks
+
+    def call(self, inputs, training=None, **kwargs):
+        if training:
+            masks = self._advance()
+        else:
+            masks = [mask.value for mask in self._masks]
+        mapping = [
+            (t.variable, t.variable.value * mask) for t, mask in zip(self._targets, masks)
+        ]
+        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
+            outputs = self.layer(inputs, **kwargs)
+        # Carry out what the wrapped layer did to its own state inside the scope.
+        masked_ids = {id(t.variable) for t in self._targets}
+        for variable in self.layer.variables:
+            if id(variable) not in masked_ids:
+                updated = scope.get_current_value(variable)
+                if updated is not None:
+                    variable.assign(updated)
+        if scope.losses:
+            self.add_loss(scope.losses)
+        return outputs
+
+    def masked_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
+        """``(variable, weight * mask)`` for each pruned weight, as tensors."""
+        return [
+            (t.variable, tf.convert_to_tensor(t.variable.value) * m.value)
+            for t, m in zip(self._targets, self._masks)
+        ]
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs, mask=None):
+        return self.layer.compute_mask(inputs, mask)
+
+    def get_config(self):
+        config = super().get_config()
+        config["schedule"] = keras.saving.serialize_keras_object(self.schedule)
+        config["n_m"] = list(self.n_m) if self.n_m else None
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["schedule"] = keras.saving.deserialize_keras_object(
+            config["schedule"], custom_objects=custom_objects
+        )
+        return super().from_config(config, custom_objects=custom_objects)
