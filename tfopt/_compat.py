@@ -113,6 +113,15 @@ def reset_compiled_functions(model: keras.Model) -> None:
             setattr(model, attr, None)
 
 
+def call_takes_training(model: keras.Model) -> bool:
+    """Whether ``fit()`` will tell the model (and so its layers) it is training.
+
+    Keras' train step passes ``training=True`` only to a model whose
+    ``call()`` accepts a ``training`` argument.
+    """
+    return bool(getattr(model, "_call_has_training_arg", True))
+
+
 def retrace_train_function(model: keras.Model) -> None:
     """Make ``fit()`` use a freshly traced train step from here on.
 

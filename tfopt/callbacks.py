@@ -12,7 +12,7 @@ import os
 import keras
 
 from tfopt import _compat
-from tfopt.errors import NothingToPruneError
+from tfopt.errors import ConfigError, NothingToPruneError
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,13 @@ class PruningStep(_Callback):
             raise NothingToPruneError(
                 f"PruningStep was given model {self.model.name!r}, which has no pruned "
                 "layers. Fit the model returned by tfopt.prune(...), or drop the callback."
+            )
+        if not _compat.call_takes_training(self.model):
+            raise ConfigError(
+                f"Model {self.model.name!r} is pruned, but its call() takes no `training` "
+                "argument, so Keras runs its layers in inference mode during fit() and "
+                "no pruning would happen. Add it and pass it on: "
+                "def call(self, inputs, training=None)."
             )
         for wrapper in found:
             wrapper.step_driven = True

@@ -136,9 +136,6 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             for t, m in zip(self._targets, self._masks)
         ]
 
-    def compute_output_shape(self, input_shape):
-        return self.layer.compute_output_shape(input_shape)
-
     def compute_mask(self, inputs, mask=None):
         return self.layer.compute_mask(inputs, mask)
 
