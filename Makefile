@@ -16,10 +16,10 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m tfopt.demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m tfopt.demo
 
 bench: $(STAMP)
 	$(PY) benchmarks/pruning_overhead.py

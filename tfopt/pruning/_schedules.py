@@ -48,18 +48,20 @@ class PruningSchedule:
         """The target sparsity at ``step``, a float32 scalar tensor."""
         raise NotImplementedError
 
-    def __call__(self, step) -> tuple[tf.Tensor, tf.Tensor]:
-        """Return ``(should_prune, sparsity)`` as tensors for an int64 step."""
+    def should_prune(self, step) -> tf.Tensor:
+        """Whether masks are recomputed at ``step``, a boolean scalar tensor."""
         step = tf.cast(step, tf.int64)
-        begin = tf.constant(self.begin_step, tf.int64)
-        end = tf.constant(self.end_step, tf.int64)
-        in_range = step >= begin
+        in_range = step >= self.begin_step
         if self.end_step >= 0:
-            in_range = tf.logical_and(in_range, step <= end)
-        on_turn = tf.equal(tf.math.floormod(step - begin, self.frequency), 0)
+            in_range = tf.logical_and(in_range, step <= self.end_step)
+        on_turn = tf.equal(tf.math.floormod(step - self.begin_step, self.frequency), 0)
         if self.end_step >= 0:
-            on_turn = tf.logical_or(on_turn, tf.equal(step, end))
-        return tf.logical_and(in_range, on_turn), self.sparsity_at(step)
+            on_turn = tf.logical_or(on_turn, tf.equal(step, self.end_step))
+        return tf.logical_and(in_range, on_turn)
+
+    def __call__(self, step) -> tuple[tf.Tensor, tf.Tensor]:
+        """Return ``(should_prune, sparsity)`` as tensors, as tfmot's schedules do."""
+        return self.should_prune(step), self.sparsity_at(tf.cast(step, tf.int64))
 
     def get_config(self) -> dict:
         raise NotImplementedError

@@ -90,21 +90,30 @@ class PruneLowMagnitude(keras.layers.Wrapper):
                 "cb = tfopt.callbacks.PruningStep(); cb.set_model(model); "
                 "cb.on_train_begin() before the loop."
             )
-        should_prune, sparsity = self.schedule(self.pruning_step.value)
-        masks = []
-        for target, mask in zip(self._targets, self._masks):
-            current = mask.value
-            masked = tf.convert_to_tensor(target.variable.value) * current
-            # The update is computed in a cond and assigned outside it: an
-            # assignment inside control flow is not allowed on mirrored
-            # variables in a replica context.
-            new = tf.cond(
-                should_prune,
-                lambda m=masked, a=target.group_axis: self._new_mask(m, a, sparsity),
-                lambda c=current: tf.identity(c),
-            )
-            mask.assign(new)
-            masks.append(new)
+        step = self.pruning_step.value
+        # Under a distribution strategy, mirrored variables cannot be assigned
+        # inside control flow in a replica context: compute the masks in the
+        # cond and assign them after. Otherwise assign only when they change.
+        distributed = tf.distribute.has_strategy() and not tf.distribute.in_cross_replica_context()
+
+        def recompute():
+            sparsity = self.schedule.sparsity_at(step)
+            new_masks = []
+            for target, mask in zip(self._targets, self._masks):
+                masked = tf.convert_to_tensor(target.variable.value) * mask.value
+                new = self._new_mask(masked, target.group_axis, sparsity)
+                if not distributed:
+                    mask.assign(new)
+                new_masks.append(new)
+            return new_masks
+
+        def keep():
+            return [tf.identity(mask.value) for mask in self._masks]
+
+        masks = tf.cond(self.schedule.should_prune(step), recompute, keep)
+        if distributed:
+            for mask, new in zip(self._masks, masks):
+                mask.assign(new)
         self.pruning_step.assign_add(1)
         return masks
 
