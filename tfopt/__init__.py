@@ -13,6 +13,7 @@ Example:
 
 from tfopt import callbacks, datasets, errors
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
+from tfopt.quantization import QuantizationConfig, quantize
 from tfopt.strip import strip
 
 __version__ = "0.1.0"
@@ -20,11 +21,13 @@ __version__ = "0.1.0"
 __all__ = [
     "ConstantSparsity",
     "PolynomialDecay",
+    "QuantizationConfig",
     "__version__",
     "callbacks",
     "datasets",
     "errors",
     "prune",
+    "quantize",
     "sparsity",
     "strip",
 ]

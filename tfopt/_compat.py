@@ -78,6 +78,12 @@ def direct_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
+def built_input_shape(layer: keras.layers.Layer):
+    """The input shape a built layer was built with (a list for multi-input layers)."""
+    shapes = getattr(layer, "_build_shapes_dict", None) or {}
+    return next(iter(shapes.values()), None)
+
+
 def is_graph_model(layer: Any) -> bool:
     """True for Sequential and functional models (whose layers form a graph)."""
     from keras.src.models.functional import Functional

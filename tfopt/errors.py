@@ -44,3 +44,11 @@ class UnsupportedLayerError(TfoptError, ValueError):
 
 class ExportValidationError(TfoptError, ValueError):
     """An exported artifact's outputs drifted from the Keras model's."""
+
+
+class AlreadyQuantizedError(TfoptError, ValueError):
+    """The model already carries quantization wrappers."""
+
+
+class NothingToQuantizeError(TfoptError, ValueError):
+    """`tfopt.quantize` found no layer that it can quantize."""

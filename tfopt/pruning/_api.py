@@ -9,14 +9,14 @@ from typing import Callable, Iterable, Optional, Union
 import keras
 import numpy as np
 
-from tfopt import _compat
+from tfopt import _compat, _tree
 from tfopt.errors import (
     AlreadyPrunedError,
     ConfigError,
     IncompatibleShapeError,
     NothingToPruneError,
 )
-from tfopt.pruning import _tfmot, _tree
+from tfopt.pruning import _tfmot
 from tfopt.pruning._registry import is_prunable, prunable_weights
 from tfopt.pruning._schedules import PruningSchedule
 from tfopt.pruning._wrapper import PruneLowMagnitude

@@ -7,6 +7,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tfopt._substitute import call_with_weights
 from tfopt.errors import PruningStepMissingError
 from tfopt.pruning import _masks
 from tfopt.pruning._registry import prunable_weights
@@ -125,18 +126,7 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         mapping = [
             (t.variable, t.variable.value * mask) for t, mask in zip(self._targets, masks)
         ]
-        with keras.StatelessScope(state_mapping=mapping, collect_losses=True) as scope:
-            outputs = self.layer(inputs, **kwargs)
-        # Carry out what the wrapped layer did to its own state inside the scope.
-        masked_ids = {id(t.variable) for t in self._targets}
-        for variable in self.layer.variables:
-            if id(variable) not in masked_ids:
-                updated = scope.get_current_value(variable)
-                if updated is not None:
-                    variable.assign(updated)
-        if scope.losses:
-            self.add_loss(scope.losses)
-        return outputs
+        return call_with_weights(self, self.layer, mapping, inputs, **kwargs)
 
     def masked_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
         """``(variable, weight * mask)`` for each pruned weight, as tensors."""

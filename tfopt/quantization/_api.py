@@ -1,0 +1,145 @@
+"""`quantize`: quantization-aware training for Keras 3 models."""
+
+from __future__ import annotations
+
+import logging
+from typing import Union
+
+from tfopt import _compat, _tree
+from tfopt.errors import (
+    AlreadyQuantizedError,
+    ConfigError,
+    NothingToQuantizeError,
+    UnsupportedLayerError,
+)
+from tfopt.quantization import _registry, _tfmot
+from tfopt.quantization._config import QuantizationConfig, resolve
+from tfopt.quantization._wrapper import QuantizeInputs, QuantizeWrapper, _ActivationQuantizer
+
+logger = logging.getLogger(__name__)
+
+
+def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: bool = False):
+    """Return a model that trains with int8 fake quantization (QAT).
+
+    Q/DQ go where TensorRT's explicit quantization wants them: on the input
+    and weights of every Conv (depthwise and separable included), Dense and
+    EinsumDense layer, and on both inputs of residual ``Add`` (and ``Dot``)
+    layers. Weights are quantized symmetrically per output channel in
+    [-127, 127]; activations per tensor with ranges tracked by a moving
+    average during training. BatchNormalization stays in float: with
+    per-channel weight scales, the engine folds it into the convolution
+    exactly. Weights that are zero (a pruned and stripped model) stay zero.
+
+    Fine-tune the result with an ordinary ``fit()`` (no callback needed),
+    then export it: ``tfopt.export(qat, "out", formats=("onnx",))`` writes
+    int8 Q/DQ that TensorRT and ONNX Runtime run as INT8.
+
+    ``tf_keras`` models are handed to tfmot's ``quantize_model``; those export
+    to ONNX with uint8 asymmetric, activation-only Q/DQ, which ONNX Runtime
+    runs but TensorRT rejects.
+
+    Args:
+        model: A built Keras 3 (or tf_keras) model, pruned ones stripped first.
+        config: ``"int8"`` or a :class:`tfopt.QuantizationConfig`.
+        strict: Raise on layers with weights that tfopt cannot quantize
+            (instead of leaving them in float and listing them in the log).
+
+    Returns:
+        The QAT model: a clone sharing layers with ``model`` for Sequential
+        and functional models; ``model`` itself, changed in place, if subclassed.
+
+    Example:
+        >>> qat = tfopt.quantize(tfopt.strip(pruned), "int8")
+        >>> qat.compile(optimizer="adam", loss=loss)
+        >>> qat.fit(x, y, epochs=2)
+    """
+    kind = _compat.check_keras_model(model)
+    config = resolve(config)
+    if kind == "tf_keras":
+        if _tfmot.is_quantized(model):
+            raise AlreadyQuantizedError(_ALREADY.format(name=model.name))
+        return _tfmot.quantize(model)
+
+    _compat.check_built(model)
+    if is_quantized(model):
+        raise AlreadyQuantizedError(_ALREADY.format(name=model.name))
+    from tfopt.pruning import is_pruned
+
+    if is_pruned(model):
+        raise ConfigError(
+            f"Model {model.name!r} still carries pruning wrappers. Strip it first: "
+            "qat = tfopt.quantize(tfopt.strip(model)); zeros are kept through QAT."
+        )
+    if not _compat.is_graph_model(model) and not _compat.call_takes_training(model):
+        raise ConfigError(
+            f"Model {model.name!r}'s call() takes no `training` argument, so Keras never "
+            "tells its layers they are training and activation ranges would not be "
+            "tracked. Add it and pass it on: def call(self, inputs, training=None)."
+        )
+    weighted, inputs_only = _plan(model, config, strict)
+    _compat.reset_compiled_functions(model)
+
+    def replace(layer):
+        if id(layer) in weighted:
+            wrapper = QuantizeWrapper(layer, config)
+        elif id(layer) in inputs_only:
+            wrapper = QuantizeInputs(layer, config)
+        else:
+            return None
+        wrapper.build(_compat.built_input_shape(layer))
+        if isinstance(wrapper, QuantizeWrapper) and config.preserve_sparsity:
+            wrapper.record_sparsity()
+        return wrapper
+
+    quantized = _tree.rewrite(model, replace)
+    logger.info("Quantizing %d layer(s) and %d residual input set(s) of %r.",
+                len(weighted), len(inputs_only), model.name)
+    return quantized
+
+
+_ALREADY = (
+    "Model {name!r} is already quantized. Quantize the original (float) model once."
+)
+
+
+def _plan(model, config: QuantizationConfig, strict: bool) -> tuple[set[int], set[int]]:
+    weighted: set[int] = set()
+    inputs_only: set[int] = set()
+    unsupported: list[str] = []
+    for path, layer in _tree.walk(model, stop=lambda la: _registry.kind(la, config) == "weighted"):
+        kind = _registry.kind(layer, config)
+        if kind == "weighted":
+            weighted.add(id(layer))
+        elif kind == "inputs":
+            inputs_only.add(id(layer))
+        elif kind == "unsupported" and not _compat.direct_sublayers(layer):
+            unsupported.append(f"{path} ({type(layer).__name__})")
+    if unsupported and strict:
+        raise UnsupportedLayerError(
+            f"strict=True, and {len(unsupported)} layer(s) with weights cannot be "
+            f"quantized: {'; '.join(unsupported)}. Use strict=False to leave them in float."
+        )
+    if not weighted:
+        raise NothingToQuantizeError(
+            f"Nothing to quantize in model {model.name!r}: tfopt quantizes Conv*, "
+            "DepthwiseConv*, SeparableConv*, Dense and EinsumDense layers."
+        )
+    if unsupported:
+        logger.info("Left in float (%d): %s.", len(unsupported), "; ".join(unsupported))
+    return weighted, inputs_only
+
+
+def _is_quant_wrapper(layer) -> bool:
+    return isinstance(layer, _ActivationQuantizer)
+
+
+def quant_wrappers(model) -> list[_ActivationQuantizer]:
+    return [la for _, la in _tree.walk(model, stop=_is_quant_wrapper) if _is_quant_wrapper(la)]
+
+
+def is_quantized(model) -> bool:
+    """True if the model carries tfopt (Keras 3) or tfmot (tf_keras) QAT wrappers."""
+    if _compat.check_keras_model(model) == "tf_keras":
+        return _tfmot.is_quantized(model)
+    return bool(quant_wrappers(model))

@@ -1,0 +1,50 @@
+"""Fake quantization ops that train and export as ONNX int8 Q/DQ.
+
+These TensorFlow ops were chosen because tf2onnx turns them into
+``QuantizeLinear``/``DequantizeLinear`` pairs with int8 zero points of 0:
+
+* weights, per channel: ``QuantizeAndDequantizeV3`` (on CPU, the per-channel
+  forms of V2/V4 fail with "input_min must be a scalar"; V3 works and its
+  gradient is straight-through);
+* activations, per tensor: ``QuantizeAndDequantizeV4``, whose gradient is
+  straight-through inside the range and zero outside it.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import tensorflow as tf
+
+# A channel whose weights are all zero (pruned away) still needs a non-zero range.
+_MIN_RANGE = 1e-8
+
+
+def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
+                      narrow_range: bool) -> tf.Tensor:
+    """Symmetric fake quantization of a weight, per channel along ``channel_axis``.
+
+    ``channel_axis=None`` quantizes per tensor. Zero stays exactly zero.
+    """
+    rank = weight.shape.rank
+    if channel_axis is None:
+        amax = tf.reduce_max(tf.abs(weight))
+        axis = -1
+    else:
+        axis = channel_axis % rank
+        reduce = [d for d in range(rank) if d != axis]
+        amax = tf.reduce_max(tf.abs(weight), axis=reduce)
+    amax = tf.maximum(amax, _MIN_RANGE)
+    return tf.raw_ops.QuantizeAndDequantizeV3(
+        input=weight, input_min=-amax, input_max=amax, num_bits=bits,
+        signed_input=True, range_given=True, narrow_range=narrow_range, axis=axis,
+    )
+
+
+def fake_quant_activation(x: tf.Tensor, amax: tf.Tensor, bits: int) -> tf.Tensor:
+    """Symmetric per-tensor fake quantization of an activation to ``[-amax, amax]``."""
+    amax = tf.maximum(tf.cast(amax, x.dtype), tf.cast(_MIN_RANGE, x.dtype))
+    return tf.raw_ops.QuantizeAndDequantizeV4(
+        input=x, input_min=-amax, input_max=amax, signed_input=True, num_bits=bits,
+        range_given=True, narrow_range=False, axis=-1,
+    )

@@ -1,0 +1,82 @@
+"""Which layers get Q/DQ, declared as tables.
+
+``WEIGHTED``: layers whose input and weights are fake-quantized, with each
+weight's output-channel axis (the axis of its per-channel scales; ``None``
+for one scale per tensor). ``INPUT_ONLY``: layers with several inputs that
+each get Q/DQ (residual ``Add``, ``Dot``), so TensorRT can fuse them.
+``FLOAT_BY_DESIGN``: layers with weights that stay in float on purpose.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+from keras import layers
+
+from tfopt.quantization._config import QuantizationConfig
+
+Axis = Optional[int]
+
+
+def _einsum_output_axis(layer: layers.EinsumDense) -> Axis:
+    """The kernel's single output axis, or None (per tensor) if it has several."""
+    lhs, output = layer.equation.replace("...", "").split("->")
+    input_spec, kernel_spec = lhs.split(",")
+    outputs = [c for c in kernel_spec if c in output and c not in input_spec]
+    return kernel_spec.index(outputs[0]) if len(outputs) == 1 else None
+
+
+def _depthwise_axis(layer) -> Axis:
+    # Kernel (..., in, multiplier): output channel c*multiplier+k. With a
+    # multiplier of 1 the input-channel axis is the output-channel axis.
+    return -2 if layer.depth_multiplier == 1 else None
+
+
+WEIGHTED: dict[type, dict[str, Union[Axis, Callable]]] = {
+    layers.Dense: {"kernel": -1},
+    layers.EinsumDense: {"kernel": _einsum_output_axis},
+    layers.Conv1D: {"kernel": -1},
+    layers.Conv2D: {"kernel": -1},
+    layers.Conv3D: {"kernel": -1},
+    layers.Conv1DTranspose: {"kernel": -2},
+    layers.Conv2DTranspose: {"kernel": -2},
+    layers.Conv3DTranspose: {"kernel": -2},
+    layers.DepthwiseConv1D: {"kernel": _depthwise_axis},
+    layers.DepthwiseConv2D: {"kernel": _depthwise_axis},
+    layers.SeparableConv1D: {"depthwise_kernel": _depthwise_axis, "pointwise_kernel": -1},
+    layers.SeparableConv2D: {"depthwise_kernel": _depthwise_axis, "pointwise_kernel": -1},
+}
+
+INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
+
+# BatchNormalization after a convolution is left in float: with per-channel
+# weight scales, folding it into the convolution (which TensorRT and ONNX
+# Runtime do when they build the engine) is exact, so folding it during QAT
+# would buy nothing and cost a second convolution per step.
+FLOAT_BY_DESIGN: tuple[type, ...] = (layers.BatchNormalization,)
+
+
+def _lookup(layer, table):
+    for cls in type(layer).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
+def weight_axes(layer) -> Optional[dict[str, Axis]]:
+    """``{weight attribute: channel axis}`` for a weighted quantizable layer, else None."""
+    entry = _lookup(layer, WEIGHTED)
+    if entry is None:
+        return None
+    return {name: (axis(layer) if callable(axis) else axis) for name, axis in entry.items()}
+
+
+def kind(layer, config: QuantizationConfig) -> str:
+    """``"weighted"``, ``"inputs"``, ``"float"`` (by design or weightless) or ``"unsupported"``."""
+    if _lookup(layer, WEIGHTED) is not None:
+        return "weighted"
+    if isinstance(layer, INPUT_ONLY):
+        return "inputs" if (config.quantize_residual_adds or isinstance(layer, layers.Dot)) else "float"
+    if isinstance(layer, FLOAT_BY_DESIGN) or not layer.weights:
+        return "float"
+    return "unsupported"

@@ -1,0 +1,135 @@
+"""Keras 3 layer wrappers that fake-quantize inputs and weights during training."""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tfopt._substitute import call_with_weights
+from tfopt.quantization._config import QuantizationConfig
+from tfopt.quantization._ops import fake_quant_activation, fake_quant_weight
+from tfopt.quantization._registry import weight_axes
+
+
+class _ActivationQuantizer(keras.layers.Wrapper):
+    """Shared parts: activation ranges tracked by moving average, a step counter."""
+
+    def __init__(self, layer, config: QuantizationConfig, **kwargs):
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        kwargs.setdefault("dtype", layer.dtype_policy)
+        kwargs["autocast"] = False
+        super().__init__(layer, **kwargs)
+        self.config = config
+
+    def _add_range(self, name: str) -> keras.Variable:
+        # Replicas see different batches: average their ranges.
+        return self.add_weight(name=name, shape=(), dtype="float32", initializer="zeros",
+                               trainable=False, aggregation="mean")
+
+    def _add_step(self) -> None:
+        self.qat_step = self.add_weight(name="qat_step", shape=(), dtype="int64",
+                                        initializer="zeros", trainable=False,
+                                        aggregation="only_first_replica")
+
+    def _quantize_input(self, x, amax_variable: keras.Variable, training):
+        if training:
+            batch_amax = tf.stop_gradient(tf.reduce_max(tf.abs(tf.cast(x, tf.float32))))
+            old = amax_variable.value
+            decay = self.config.activation_ema_decay
+            new = tf.where(old > 0, decay * old + (1.0 - decay) * batch_amax, batch_amax)
+            freeze = self.config.freeze_activation_ranges_after
+            if freeze is not None:
+                new = tf.where(self.qat_step.value < freeze, new, old)
+            amax_variable.assign(new)
+            amax = new
+        else:
+            amax = amax_variable.value
+        return fake_quant_activation(x, amax, self.config.activation_bits)
+
+    def activation_ranges(self) -> dict[str, float]:
+        """The tracked absolute maxima, by variable path."""
+        return {v.path: float(v.numpy()) for v in self.non_trainable_variables
+                if v.name.endswith("amax")}
+
+    def get_config(self):
+        config = super().get_config()
+        config["config"] = self.config.get_config()
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["config"] = QuantizationConfig.from_config(config["config"])
+        return super().from_config(config, custom_objects=custom_objects)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizeWrapper(_ActivationQuantizer):
+    """Fake-quantizes a layer's input (per tensor) and weights (per channel).
+
+    Inserted by :func:`tfopt.quantize`; exported as ONNX ``QuantizeLinear``/
+    ``DequantizeLinear`` pairs in front of the layer's input and weights.
+    With ``config.preserve_sparsity``, weights that were exactly zero when the
+    model was quantized stay zero.
+    """
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        axes = weight_axes(self.layer)
+        self._weights_axes = [(getattr(self.layer, name), axis) for name, axis in axes.items()]
+        self._masks = []
+        if self.config.preserve_sparsity:
+            self._masks = [
+                self.add_weight(name=f"{v.name}_nonzero", shape=v.shape, dtype=v.dtype,
+                                initializer="ones", trainable=False,
+                                aggregation="only_first_replica")
+                for v, _ in self._weights_axes
+            ]
+        self.input_amax = self._add_range("input_amax")
+        self._add_step()
+        self.built = True
+
+    def record_sparsity(self) -> None:
+        """Remember which weights are zero now, so QAT keeps them zero."""
+        for (variable, _), mask in zip(self._weights_axes, self._masks):
+            mask.assign(tf.cast(tf.not_equal(variable.value, 0), mask.dtype))
+
+    def quantized_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
+        """``(variable, fake-quantized value)`` for each quantized weight."""
+        result = []
+        for i, (variable, axis) in enumerate(self._weights_axes):
+            value = tf.convert_to_tensor(variable.value)
+            if self._masks:
+                value = value * self._masks[i].value
+            result.append((variable, fake_quant_weight(
+                value, axis, self.config.weight_bits, self.config.narrow_range_weights)))
+        return result
+
+    def call(self, inputs, training=None, **kwargs):
+        x = self._quantize_input(inputs, self.input_amax, training)
+        if training:
+            self.qat_step.assign_add(1)
+        return call_with_weights(self, self.layer, self.quantized_weights(), x, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizeInputs(_ActivationQuantizer):
+    """Fake-quantizes every input of a multi-input layer (residual ``Add``, ``Dot``)."""
+
+    def build(self, input_shape=None):
+        super().build(input_shape)
+        several = isinstance(input_shape, (list, tuple)) and bool(input_shape) and \
+            isinstance(input_shape[0], (list, tuple))
+        count = len(input_shape) if several else 1
+        self._ranges = [self._add_range(f"input_{i}_amax") for i in range(count)]
+        self._add_step()
+        self.built = True
+
+    def call(self, inputs, training=None, **kwargs):
+        single = not isinstance(inputs, (list, tuple))
+        items = [inputs] if single else list(inputs)
+        quantized = [self._quantize_input(x, amax, training)
+                     for x, amax in zip(items, self._ranges)]
+        if training:
+            self.qat_step.assign_add(1)
+        return self.layer(quantized[0] if single else quantized, **kwargs)
