@@ -12,6 +12,7 @@ Example:
 """
 
 from tfopt import callbacks, datasets, errors
+from tfopt.export import ExportResult, export
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
 from tfopt.strip import strip
@@ -20,12 +21,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConstantSparsity",
+    "ExportResult",
     "PolynomialDecay",
     "QuantizationConfig",
     "__version__",
     "callbacks",
     "datasets",
     "errors",
+    "export",
     "prune",
     "quantize",
     "sparsity",

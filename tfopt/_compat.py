@@ -167,3 +167,27 @@ def import_tfmot() -> Any:
             "tf_keras models are pruned and quantized by tensorflow-model-optimization"
             ", which is not installed: pip install tensorflow-model-optimization"
         ) from exc
+
+
+def tensorflow_has_tensorrt() -> bool:
+    """Whether this TensorFlow build can run TF-TRT (no pip build since 2.18 can)."""
+    try:
+        from tensorflow.compiler.tf2tensorrt import _pywrap_py_utils
+    except ImportError:
+        return False
+    return bool(_pywrap_py_utils.is_tensorrt_enabled())
+
+
+def import_tensorrt():
+    """The ``tensorrt`` module and its major version, or a clear error."""
+    from tfopt.errors import BackendUnavailableError
+
+    try:
+        import tensorrt
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "The 'tensorrt' format builds engines with NVIDIA TensorRT's Python API, which "
+            "is not installed. Install it on a machine with an NVIDIA GPU: pip install "
+            "'tfopt[tensorrt]' (TensorRT 10 or 11). The 'onnx' format needs no GPU."
+        ) from exc
+    return tensorrt, int(tensorrt.__version__.split(".")[0])

@@ -52,3 +52,11 @@ class AlreadyQuantizedError(TfoptError, ValueError):
 
 class NothingToQuantizeError(TfoptError, ValueError):
     """`tfopt.quantize` found no layer that it can quantize."""
+
+
+class ArtifactExistsError(TfoptError, ValueError):
+    """An export would overwrite existing artifacts and ``overwrite`` is False."""
+
+
+class BackendUnavailableError(TfoptError, RuntimeError):
+    """A format needs a package or build that this environment does not have."""

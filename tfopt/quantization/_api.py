@@ -19,7 +19,8 @@ from tfopt.quantization._wrapper import QuantizeInputs, QuantizeWrapper, _Activa
 logger = logging.getLogger(__name__)
 
 
-def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: bool = False):
+def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: bool = False,
+             calibration_data=None):
     """Return a model that trains with int8 fake quantization (QAT).
 
     Q/DQ go where TensorRT's explicit quantization wants them: on the input
@@ -44,6 +45,11 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
         config: ``"int8"`` or a :class:`tfopt.QuantizationConfig`.
         strict: Raise on layers with weights that tfopt cannot quantize
             (instead of leaving them in float and listing them in the log).
+        calibration_data: Inputs (an array, a dict of arrays, or a
+            ``tf.data.Dataset`` of inputs or ``(inputs, labels)``) whose
+            activation ranges initialize the quantizers, so the model is
+            accurate before fine-tuning. Without it, ranges start from the
+            first training batch, and the model is not usable before ``fit()``.
 
     Returns:
         The QAT model: a clone sharing layers with ``model`` for Sequential
@@ -93,6 +99,8 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
         return wrapper
 
     quantized = _tree.rewrite(model, replace)
+    if calibration_data is not None:
+        calibrate(quantized, calibration_data)
     logger.info("Quantizing %d layer(s) and %d residual input set(s) of %r.",
                 len(weighted), len(inputs_only), model.name)
     return quantized
@@ -128,6 +136,37 @@ def _plan(model, config: QuantizationConfig, strict: bool) -> tuple[set[int], se
     if unsupported:
         logger.info("Left in float (%d): %s.", len(unsupported), "; ".join(unsupported))
     return weighted, inputs_only
+
+
+def calibrate(model, data, batch_size: int = 64) -> None:
+    """Set activation ranges to the absolute maxima seen on ``data`` (eagerly)."""
+    import numpy as np
+    import tensorflow as tf
+
+    wrappers = quant_wrappers(model)
+    if isinstance(data, tf.data.Dataset):
+        batches = (b[0] if isinstance(b, tuple) else b for b in data)
+    elif isinstance(data, dict):
+        size = len(next(iter(data.values())))
+        batches = ({k: v[i:i + batch_size] for k, v in data.items()}
+                   for i in range(0, size, batch_size))
+    else:
+        data = np.asarray(data)
+        batches = (data[i:i + batch_size] for i in range(0, len(data), batch_size))
+    for wrapper in wrappers:
+        wrapper.calibrating = True
+    try:
+        seen = 0
+        for batch in batches:
+            model(batch, training=False)
+            seen += 1
+    finally:
+        for wrapper in wrappers:
+            wrapper.calibrating = False
+    if not seen:
+        raise ConfigError("calibration_data is empty: pass at least one batch of inputs.")
+    logger.info("Calibrated activation ranges of %d quantizer(s) on %d batch(es).",
+                len(wrappers), seen)
 
 
 def _is_quant_wrapper(layer) -> bool:

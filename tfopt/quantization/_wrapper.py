@@ -20,6 +20,7 @@ class _ActivationQuantizer(keras.layers.Wrapper):
         kwargs["autocast"] = False
         super().__init__(layer, **kwargs)
         self.config = config
+        self.calibrating = False  # set by tfopt.quantize while it runs calibration data
 
     def _add_range(self, name: str) -> keras.Variable:
         # Replicas see different batches: average their ranges.
@@ -42,6 +43,10 @@ class _ActivationQuantizer(keras.layers.Wrapper):
                 new = tf.where(self.qat_step.value < freeze, new, old)
             amax_variable.assign(new)
             amax = new
+        elif self.calibrating:
+            batch_amax = tf.reduce_max(tf.abs(tf.cast(x, tf.float32)))
+            amax = tf.maximum(amax_variable.value, batch_amax)
+            amax_variable.assign(amax)
         else:
             amax = amax_variable.value
         return fake_quant_activation(x, amax, self.config.activation_bits)

@@ -1,0 +1,398 @@
+"""`tfopt.export`: every artifact a server loads, each validated against Keras."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfopt
+from tfopt import _compat
+from tfopt.errors import ConfigError, NotAKerasModelError
+from tfopt.export import _onnx, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton
+from tfopt.export._validate import compare, sizes
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("saved_model", "frozen_graph", "onnx", "tensorrt", "tftrt", "triton")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`tfopt.export` wrote, and how close each artifact is to Keras.
+
+    Attributes:
+        directory: The export directory.
+        paths: ``{format: path}`` of every artifact written.
+        errors: ``{format: {output: {"max_abs", "max_rel", "tolerance"}}}``.
+        sizes: ``{format: {"raw": bytes, "gzip": bytes}}``.
+        manifest: The contents of ``manifest.json`` (also written to disk).
+    """
+
+    directory: Path
+    paths: dict
+    errors: dict
+    sizes: dict
+    manifest: dict
+
+    @property
+    def max_abs_error(self) -> float:
+        """The largest absolute difference from Keras over all artifacts and outputs."""
+        values = [e["max_abs"] for per in self.errors.values() for e in per.values()]
+        return max(values) if values else 0.0
+
+    @property
+    def max_rel_error(self) -> float:
+        """The largest difference relative to the output's magnitude."""
+        values = [e["max_rel"] for per in self.errors.values() for e in per.values()]
+        return max(values) if values else 0.0
+
+    def summary(self) -> str:
+        lines = [f"{'artifact':<14}{'size':>12}{'gzip':>12}{'max |diff|':>12}  path"]
+        for fmt, path in self.paths.items():
+            size = self.sizes.get(fmt, {})
+            err = max((e["max_abs"] for e in self.errors.get(fmt, {}).values()), default=None)
+            lines.append(
+                f"{fmt:<14}{size.get('raw', 0):>12,}{size.get('gzip', 0):>12,}"
+                f"{'' if err is None else f'{err:.2e}':>12}  {path}")
+        return "\n".join(lines)
+
+
+def export(model, directory: Union[str, os.PathLike], *,
+           formats: Sequence[str] = ("saved_model", "onnx"), precision: str = "fp32",
+           input_signature=None, validation_data=None, version: int = 1,
+           overwrite: bool = False, freeze: bool = False, warmup: bool = False,
+           opset: int = _onnx.DEFAULT_OPSET, batch_sizes: tuple[int, int, int] = (1, 8, 64),
+           name: Optional[str] = None, tolerance: Optional[float] = None) -> ExportResult:
+    """Export a Keras model for serving and check every artifact against it.
+
+    Artifacts (``formats``), under ``directory``:
+
+    * ``saved_model``: ``saved_model/<version>/``, TF Serving's layout, with a
+      ``serving_default`` signature whose inputs and outputs carry the
+      model's names and a dynamic batch dimension (``freeze=True`` stores
+      the graph with variables as constants; ``warmup=True`` adds TF
+      Serving warm-up requests built from ``validation_data``).
+    * ``frozen_graph``: ``frozen_graph.pb``, a GraphDef with constants and
+      BatchNorm folded.
+    * ``onnx``: ``model.onnx`` through tf2onnx (opset ``opset``); FP16 inside
+      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models.
+    * ``tensorrt``: ``model.plan``, a TensorRT engine built from the ONNX
+      (needs the ``tensorrt`` package and a GPU), with a batch profile
+      ``batch_sizes=(min, opt, max)`` and ``timing.cache`` reused across runs.
+    * ``tftrt``: ``tftrt/<version>/``, only where TensorFlow has TensorRT.
+    * ``triton``: ``triton/<name>/``, a Triton model repository serving the ONNX.
+
+    Each artifact is written beside its target, run on ``validation_data``
+    (random inputs if none are given), compared with the Keras outputs, and
+    moved into place only when all of them pass. Existing artifacts are kept
+    unless ``overwrite=True``, and survive any failure byte for byte.
+
+    Args:
+        model: A Keras 3 model (pruned ones stripped; QAT models as they are).
+        directory: Where to write.
+        formats: Any of ``FORMATS``.
+        precision: ``"fp32"``, ``"fp16"`` (ONNX/TensorRT/TF-TRT) or ``"int8"``
+            (QAT models; TF-TRT calibrates on ``validation_data``).
+        input_signature: ``tf.TensorSpec`` per input, needed for subclassed
+            models never called on a symbolic input.
+        validation_data: Real inputs (array, list or dict by input name).
+        version: The version folder for TF Serving and Triton.
+        overwrite: Replace existing artifacts (after the new ones validate).
+        freeze: Store the SavedModel's serving graph with constants.
+        warmup: Write TF Serving warm-up requests (needs validation_data).
+        opset: ONNX opset.
+        batch_sizes: TensorRT profile and Triton's ``max_batch_size`` (the max).
+        name: Model name for Triton (default: the Keras model's name).
+        tolerance: Relative tolerance overriding the precision's default.
+
+    Returns:
+        An :class:`ExportResult`.
+
+    Example:
+        >>> result = tfopt.export(tfopt.strip(pruned), "out/digits",
+        ...                       formats=("saved_model", "onnx"), validation_data=x[:64])
+        >>> result.paths["onnx"], result.max_abs_error
+    """
+    if not isinstance(model, keras.Model):
+        kind = _compat.check_keras_model(model)  # raises for anything else
+        if kind == "tf_keras":
+            raise NotAKerasModelError(
+                "tfopt.export takes Keras 3 models. For a tf_keras model, save it with "
+                "tf.saved_model.save and convert with tf2onnx.convert.from_keras; tfmot QAT "
+                "models convert to uint8 activation-only Q/DQ that TensorRT rejects.")
+    _compat.check_keras_model(model)
+    formats = _check_formats(formats)
+    if precision not in PRECISIONS:
+        raise ConfigError(f"Unknown precision {precision!r}. Valid: {list(PRECISIONS)}.")
+    from tfopt.pruning import is_pruned
+    from tfopt.quantization import is_quantized
+
+    if is_pruned(model):
+        raise ConfigError(
+            f"Model {model.name!r} still carries pruning wrappers: export "
+            "tfopt.strip(model) so the masks are baked into the weights.")
+    quantized = is_quantized(model)
+    precision = _effective_precision(precision, quantized, formats)
+    if warmup and validation_data is None:
+        raise ConfigError("warmup=True builds TF Serving warm-up requests from "
+                          "validation_data: pass some real inputs.")
+    if not (isinstance(version, int) and version >= 1):
+        raise ConfigError(f"version must be a positive integer, got {version!r}.")
+
+    signature = _signature.infer(model, input_signature)
+    if validation_data is None:
+        logger.warning("No validation_data: artifacts are checked on random inputs. "
+                       "Pass real inputs (e.g. x_test[:64]) for a meaningful check.")
+        feed = _signature.random_feed(signature)
+    else:
+        feed = _signature.as_feed(signature, validation_data)
+    reference = {k: np.asarray(v) for k, v in signature.call(model, feed).items()}
+
+    name = name or model.name
+    directory = Path(directory)
+    targets = {
+        "saved_model": f"saved_model/{version}", "frozen_graph": "frozen_graph.pb",
+        "onnx": "model.onnx", "tensorrt": "model.plan", "tftrt": f"tftrt/{version}",
+        "triton": f"triton/{name}",
+    }
+    chosen = {f: targets[f] for f in formats}
+    errors, artifact_sizes, paths, extra = {}, {}, {}, {}
+    serve = _saved_model.serving_function(model, signature)
+    with _staging.Staging(directory, [*chosen.values(), "manifest.json"], overwrite) as stage:
+
+        def staged(fmt):  # where a format's artifact goes: committed if asked for
+            if fmt in chosen:
+                return stage.path(chosen[fmt])
+            return stage.root / "aux" / Path(targets[fmt]).name
+
+        built = {}
+        progress = _progress(formats)
+
+        def need(fmt):
+            if fmt not in built:
+                built[fmt] = _BUILDERS[fmt](model, signature, serve, staged(fmt), need,
+                                            feed=feed, precision=precision, freeze=freeze,
+                                            warmup=warmup, opset=opset, quantized=quantized,
+                                            batch_sizes=batch_sizes, name=name, version=version,
+                                            reference=reference, directory=directory)
+                if fmt in chosen:
+                    run = built[fmt].get("run")
+                    if run is not None:
+                        errors[fmt] = {k: e.as_dict() for k, e in compare(
+                            fmt, reference, run(feed), _validation_precision(fmt, precision),
+                            tolerance).items()}
+                    artifact_sizes[fmt] = sizes(staged(fmt))
+                    extra[fmt] = {k: v for k, v in built[fmt].items()
+                                  if k not in ("run", "path", "timing_cache")}
+                    progress.update(1)
+            return built[fmt]
+
+        for fmt in formats:
+            need(fmt)
+        progress.close()
+        manifest = _manifest(model, signature, formats, chosen, precision, quantized, errors,
+                             artifact_sizes, extra, validation_data is not None)
+        stage.path("manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        stage.commit()
+        if "tensorrt" in built:  # a cache, not an artifact: kept for the next build
+            shutil.copy2(built["tensorrt"]["timing_cache"], directory / "timing.cache")
+    paths = {fmt: directory / target for fmt, target in chosen.items()}
+    result = ExportResult(directory, paths, errors, artifact_sizes, manifest)
+    logger.info("Exported %s to %s (max |diff| %.2e).", ", ".join(formats), directory,
+                result.max_abs_error)
+    return result
+
+
+def _check_formats(formats) -> tuple[str, ...]:
+    if isinstance(formats, str):
+        formats = (formats,)
+    formats = tuple(formats)
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ConfigError(
+            f"Unknown export format(s) {unknown or list(formats)}. Valid formats: {list(FORMATS)}.")
+    return tuple(dict.fromkeys(formats))
+
+
+def _effective_precision(precision: str, quantized: bool, formats) -> str:
+    if quantized:
+        if precision == "fp16":
+            raise ConfigError(
+                "A QAT model exports int8 Q/DQ; precision='fp16' does not apply to it. "
+                "Use precision='int8' (or leave the default).")
+        return "int8"
+    if precision == "int8" and any(f in formats for f in ("onnx", "tensorrt", "triton")):
+        raise ConfigError(
+            "precision='int8' for ONNX/TensorRT needs Q/DQ in the graph: quantize the model "
+            "first with tfopt.quantize(model) and fine-tune it, then export that model.")
+    return precision
+
+
+def _validation_precision(fmt: str, precision: str) -> str:
+    # The SavedModel and frozen graph compute exactly what Keras computes.
+    return "fp32" if fmt in ("saved_model", "frozen_graph") else precision
+
+
+def _progress(formats):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        class _Null:
+            def update(self, n):
+                pass
+
+            def close(self):
+                pass
+
+        return _Null()
+    return tqdm(total=len(formats), desc="export", unit="artifact", disable=None, leave=False)
+
+
+# -- one builder per format: write the artifact, return how to run it --------
+
+def _build_saved_model(model, signature, serve, path, need, *, feed, freeze, warmup, **_):
+    _saved_model.write_saved_model(model, signature, path, freeze=freeze,
+                                   warmup=feed if warmup else None)
+
+    def run(arrays):
+        loaded = tf.saved_model.load(str(path)).signatures["serving_default"]
+        out = loaded(**{s.name: tf.constant(a) for s, a in zip(signature.inputs, arrays)})
+        return {k: v.numpy() for k, v in out.items()}
+
+    return {"run": run, "frozen": freeze}
+
+
+def _build_frozen_graph(model, signature, serve, path, need, **_):
+    output_names, input_names = _saved_model.write_frozen_graph(model, signature, path)
+
+    def run(arrays):
+        fn = _saved_model.load_frozen_graph(path, input_names, output_names)
+        values = fn(*[tf.constant(a) for a in arrays])
+        return {k: v.numpy() for k, v in zip(signature.outputs, values)}
+
+    return {"run": run, "inputs": input_names, "outputs": output_names}
+
+
+def _build_onnx(model, signature, serve, path, need, *, precision, opset, quantized, **_):
+    proto = _onnx.convert(serve, signature, opset=opset, quantized=quantized)
+    info = {"opset": opset}
+    if quantized:
+        info["qdq"] = _onnx.check_weight_qdq(proto)
+    if precision == "fp16":
+        proto = _onnx.to_fp16(proto)
+    _onnx.save(proto, path)
+
+    def run(arrays):
+        session = _onnx.session(path)
+        values = session.run(list(signature.outputs),
+                             {s.name: a for s, a in zip(signature.inputs, arrays)})
+        return dict(zip(signature.outputs, values))
+
+    return {"run": run, **info}
+
+
+def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_sizes,
+                    directory, **_):
+    _compat.import_tensorrt()  # a clear error before any work
+    onnx_path = need("onnx")["path"]
+    cache = path.parent / "timing.cache.staged"
+    if (directory / "timing.cache").exists():
+        shutil.copy2(directory / "timing.cache", cache)
+    from tfopt.pruning import sparsity as _sparsity
+
+    sparse = _has_two_four(model, _sparsity)
+    _tensorrt.build_engine(onnx_path, path, signature, precision=precision,
+                           batch_sizes=batch_sizes, sparse_weights=sparse, timing_cache=cache)
+    return {"run": lambda arrays: _tensorrt.run_engine(path, signature, arrays),
+            "timing_cache": cache, "sparse_weights": sparse}
+
+
+def _build_tftrt(model, signature, serve, path, need, *, precision, feed, **_):
+    _tftrt.convert(need("saved_model")["path"], path, precision=precision,
+                   calibration=feed)
+
+    def run(arrays):
+        loaded = tf.saved_model.load(str(path)).signatures["serving_default"]
+        out = loaded(**{s.name: tf.constant(a) for s, a in zip(signature.inputs, arrays)})
+        return {k: v.numpy() for k, v in out.items()}
+
+    return {"run": run}
+
+
+def _build_triton(model, signature, serve, path, need, *, reference, batch_sizes,
+                  name, version, **_):
+    onnx_path = need("onnx")["path"]
+    shapes = {k: (v.shape, v.dtype) for k, v in reference.items()}
+    _triton.write_repository(path.parent, name, version, "onnx", onnx_path, signature, shapes,
+                             max_batch_size=batch_sizes[2])
+    model_file = path / str(version) / "model.onnx"
+
+    def run(arrays):
+        session = _onnx.session(model_file)
+        values = session.run(list(signature.outputs),
+                             {s.name: a for s, a in zip(signature.inputs, arrays)})
+        return dict(zip(signature.outputs, values))
+
+    return {"run": run}
+
+
+_BUILDERS = {}
+
+
+def _register(fmt, builder):
+    def wrapped(model, signature, serve, path, need, **kwargs):
+        info = builder(model, signature, serve, path, need, **kwargs)
+        info["path"] = path
+        return info
+
+    _BUILDERS[fmt] = wrapped
+
+
+for _fmt, _builder in [("saved_model", _build_saved_model), ("frozen_graph", _build_frozen_graph),
+                       ("onnx", _build_onnx), ("tensorrt", _build_tensorrt),
+                       ("tftrt", _build_tftrt), ("triton", _build_triton)]:
+    _register(_fmt, _builder)
+
+
+def _has_two_four(model, sparsity_fn) -> bool:
+    """Whether every pruned kernel looks 2:4 sparse (half zeros), for SPARSE_WEIGHTS."""
+    try:
+        values = list(sparsity_fn(model).values())
+    except Exception:  # noqa: BLE001 - a report, not a requirement
+        return False
+    return bool(values) and all(abs(v - 0.5) < 0.02 for v in values)
+
+
+def _manifest(model, signature, formats, chosen, precision, quantized, errors, artifact_sizes,
+              extra, real_inputs) -> dict:
+    from tfopt.pruning import sparsity
+
+    try:
+        model_sparsity = sparsity(model)
+    except Exception:  # noqa: BLE001 - a report, not a requirement
+        model_sparsity = {}
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": model.name,
+        "versions": {"tfopt": tfopt.__version__, "tensorflow": tf.__version__,
+                     "keras": keras.__version__},
+        "formats": list(formats),
+        "artifacts": {fmt: {"path": target, **extra.get(fmt, {})} for fmt, target in chosen.items()},
+        "precision": precision,
+        "quantized": quantized,
+        "signature": signature.describe(),
+        "sparsity": model_sparsity,
+        "validation": {"inputs": "validation_data" if real_inputs else "random", "errors": errors},
+        "sizes": artifact_sizes,
+    }

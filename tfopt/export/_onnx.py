@@ -1,0 +1,128 @@
+"""ONNX through tf2onnx, FP16 through onnxconverter-common; their quirks live here.
+
+* tf2onnx names graph outputs after TensorFlow tensors (``Identity:0``): they
+  are renamed to the model's output names.
+* Q/DQ of a QAT model must reach TensorRT intact, weights included: the
+  converted graph is checked for weight ``DequantizeLinear`` nodes, and an
+  export that lost them is refused rather than silently shipped in float.
+* FP16: float16 inside, float32 at the inputs and outputs, with numerically
+  sensitive ops kept in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import tensorflow as tf
+
+from tfopt.errors import BackendUnavailableError, ExportValidationError
+from tfopt.export._signature import ModelSignature
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_OPSET = 17
+
+# Kept in float32 in FP16 exports, beyond onnxconverter-common's own list:
+# reductions (normalization statistics), Softmax/Exp/Log and powers overflow
+# or lose too much precision in float16.
+FP32_OPS = [
+    "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Erf",
+    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2", "ReduceLogSumExp",
+    "LayerNormalization", "GroupNormalization", "InstanceNormalization",
+]
+
+
+def _require(module: str, extra: str = "onnx"):
+    try:
+        return __import__(module)
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"ONNX export needs {module}: pip install 'tfopt[{extra}]'"
+        ) from exc
+
+
+def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
+            quantized: bool = False):
+    """Convert a serving ``tf.function`` to an ONNX ModelProto with named I/O."""
+    _require("tf2onnx")
+    import tf2onnx
+
+    concrete = serve.get_concrete_function()
+    proto, _ = tf2onnx.convert.from_function(
+        serve, input_signature=list(signature.inputs), opset=opset)
+    keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
+    tf_names = [t.name for t in concrete.outputs]
+    _rename_outputs(proto, dict(zip(tf_names, keys)), signature.outputs)
+    if quantized:
+        check_weight_qdq(proto)
+    return proto
+
+
+def _rename_outputs(proto, mapping: dict[str, str], order) -> None:
+    graph = proto.graph
+    rename = {}
+    for output in graph.output:
+        new = mapping.get(output.name)
+        if new is not None and new != output.name:
+            rename[output.name] = new
+    for node in graph.node:
+        node.output[:] = [rename.get(n, n) for n in node.output]
+        node.input[:] = [rename.get(n, n) for n in node.input]
+    for output in graph.output:
+        output.name = rename.get(output.name, output.name)
+    ordered = sorted(graph.output, key=lambda o: list(order).index(o.name)
+                     if o.name in order else len(order))
+    copies = [type(o)() for o in ordered]
+    for copy, original in zip(copies, ordered):
+        copy.CopyFrom(original)
+    del graph.output[:]
+    graph.output.extend(copies)
+
+
+def check_weight_qdq(proto) -> dict[str, int]:
+    """Count Q/DQ and weight DQ of a QAT export; refuse one whose weights lost theirs."""
+    initializers = {i.name for i in proto.graph.initializer}
+    constants = {o for n in proto.graph.node if n.op_type == "Constant" for o in n.output}
+    counts = {"QuantizeLinear": 0, "DequantizeLinear": 0, "weight_dequantize": 0}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            counts[node.op_type] += 1
+        if node.op_type == "DequantizeLinear":
+            source = producers.get(node.input[0])
+            feeds_from_constant = node.input[0] in initializers or node.input[0] in constants or (
+                source is not None and source.op_type == "QuantizeLinear"
+                and (source.input[0] in initializers or source.input[0] in constants))
+            if feeds_from_constant:
+                counts["weight_dequantize"] += 1
+    if counts["weight_dequantize"] == 0:
+        raise ExportValidationError(
+            "The ONNX export of this QAT model has no Q/DQ on its weights (the converter "
+            "folded them), so TensorRT would build it in float. Please report this with "
+            "your tf2onnx version."
+        )
+    return counts
+
+
+def to_fp16(proto):
+    """Float16 inside, float32 at the inputs and outputs, sensitive ops in float32."""
+    _require("onnxconverter_common")
+    from onnxconverter_common import float16
+
+    block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
+    return float16.convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+
+
+def save(proto, path: Path) -> None:
+    import onnx
+
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+
+
+def session(path: Path, providers=("CPUExecutionProvider",)):
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=list(providers))

@@ -1,0 +1,130 @@
+"""SavedModel in TF Serving's layout, and the frozen GraphDef.
+
+TF Serving loads ``<directory>/saved_model/<version>/``; its
+``serving_default`` signature takes the model's inputs by name, returns its
+outputs by name, and has a dynamic batch dimension.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
+
+from tfopt.export._signature import ModelSignature
+
+WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
+
+
+def serving_function(model: keras.Model, signature: ModelSignature) -> tf.types.experimental.PolymorphicFunction:
+    """A ``tf.function`` taking the inputs positionally, returning named outputs."""
+
+    def serve(*tensors):
+        return signature.call(model, tensors)
+
+    return tf.function(serve, input_signature=list(signature.inputs))
+
+
+def frozen_function(serve) -> tf.types.experimental.ConcreteFunction:
+    """The serving function with variables turned into constants."""
+    return convert_variables_to_constants_v2(serve.get_concrete_function())
+
+
+def write_saved_model(model: keras.Model, signature: ModelSignature, path: Path, *,
+                      freeze: bool = False,
+                      warmup: Optional[Sequence[np.ndarray]] = None) -> None:
+    """Write a SavedModel with a ``serving_default`` signature (and ``serve``)."""
+    serve = serving_function(model, signature)
+    if freeze:
+        concrete = serve.get_concrete_function()
+        frozen = frozen_function(serve)
+        structure = concrete.structured_outputs
+
+        def serve_frozen(*tensors):
+            return tf.nest.pack_sequence_as(structure, frozen(*tensors))
+
+        function = tf.function(serve_frozen, input_signature=list(signature.inputs))
+        module = tf.Module()
+        module.serve = function
+        tf.saved_model.save(module, str(path), signatures={"serving_default": function})
+    else:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint("serve", serve)
+        archive.add_endpoint("serving_default", serve)
+        archive.write_out(str(path), verbose=False)
+    if warmup is not None:
+        write_warmup_requests(path / WARMUP_FILE, signature, warmup)
+
+
+def write_warmup_requests(path: Path, signature: ModelSignature,
+                          arrays: Sequence[np.ndarray], count: int = 8) -> None:
+    """TF Serving warm-up records: PredictionLog protos, one example each."""
+    try:
+        from tensorflow_serving.apis import model_pb2, predict_pb2, prediction_log_pb2
+    except ImportError as exc:
+        raise ImportError(
+            "Warm-up requests are TF Serving protos from tensorflow-serving-api: "
+            "pip install tensorflow-serving-api"
+        ) from exc
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = min(count, len(arrays[0]))
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for i in range(rows):
+            request = predict_pb2.PredictRequest(
+                model_spec=model_pb2.ModelSpec(signature_name="serving_default"))
+            for spec, array in zip(signature.inputs, arrays):
+                request.inputs[spec.name].CopyFrom(tf.make_tensor_proto(array[i:i + 1]))
+            log = prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+
+
+def write_frozen_graph(model: keras.Model, signature: ModelSignature,
+                       path: Path) -> tuple[list[str], list[str]]:
+    """A frozen GraphDef with constants folded and BatchNorm folded into convolutions.
+
+    Returns the graph's output tensor names (in ``signature.outputs`` order)
+    and input tensor names (in ``signature.inputs`` order).
+    """
+    from tensorflow.python.tools import optimize_for_inference_lib
+
+    serve = serving_function(model, signature)
+    concrete = serve.get_concrete_function()
+    frozen = frozen_function(serve)
+    graph_def = frozen.graph.as_graph_def()
+    flat_names = [t.name for t in frozen.outputs]
+    keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
+    by_key = dict(zip(keys, flat_names))
+    input_nodes = [t.name.split(":")[0] for t in frozen.inputs]
+    output_nodes = [by_key[k].split(":")[0] for k in signature.outputs]
+    graph_def = optimize_for_inference_lib.optimize_for_inference(
+        graph_def, input_nodes, output_nodes,
+        [spec.dtype.as_datatype_enum for spec in signature.inputs],
+        toco_compatible=False,
+    )
+    path.write_bytes(graph_def.SerializeToString())
+    return [by_key[k] for k in signature.outputs], [t.name for t in frozen.inputs]
+
+
+def load_frozen_graph(path: Path, input_names: Sequence[str], output_names: Sequence[str]):
+    """A callable running a frozen GraphDef: ``fn(*arrays) -> list of outputs``."""
+    graph_def = tf.compat.v1.GraphDef()
+    graph_def.ParseFromString(Path(path).read_bytes())
+
+    def import_graph():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    wrapped = tf.compat.v1.wrap_function(import_graph, [])
+    graph = wrapped.graph
+    return wrapped.prune(
+        [graph.get_tensor_by_name(n) for n in input_names],
+        [graph.get_tensor_by_name(n) for n in output_names],
+    )
