@@ -61,16 +61,12 @@ def check_keras_model(model: Any, *, what: str = "model") -> str:
 
 def check_built(model: keras.Model) -> None:
     """Raise if a Keras 3 model has not created its weights yet."""
-    if not model.built or (not model.weights and _has_sublayers(model)):
+    if not model.built:
         raise ModelNotBuiltError(
-            f"Model {model.name!r} is not built, so its layers have no weights to "
-            "prune yet. Build it first: call it once on a batch (model(x[:1])) or "
-            "call model.build(input_shape)."
+            f"Model {model.name!r} is not built, so its layers have no weights yet. "
+            "Build it first: call it once on a batch (model(x[:1])) or call "
+            "model.build(input_shape)."
         )
-
-
-def _has_sublayers(layer: keras.layers.Layer) -> bool:
-    return bool(direct_sublayers(layer))
 
 
 def direct_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:

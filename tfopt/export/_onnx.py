@@ -55,6 +55,7 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     tf_names = [t.name for t in concrete.outputs]
     _rename_outputs(proto, dict(zip(tf_names, keys)), signature.outputs)
     if quantized:
+        store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
 
@@ -103,6 +104,47 @@ def check_weight_qdq(proto) -> dict[str, int]:
             "your tf2onnx version."
         )
     return counts
+
+
+def store_weights_as_int8(proto) -> int:
+    """Replace ``QuantizeLinear(float weight)`` by the int8 weight it computes.
+
+    The graph then holds each quantized weight once, as int8 feeding its
+    ``DequantizeLinear`` (the form ONNX Runtime's and NVIDIA's tools write,
+    about 4x smaller), instead of float32 quantized at every run. Returns
+    the number of weights converted.
+    """
+    import numpy as np
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in proto.graph.initializer}
+    consumers: dict[str, int] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name] = consumers.get(name, 0) + 1
+    converted, keep = 0, []
+    for node in proto.graph.node:
+        source = initializers.get(node.input[0]) if node.op_type == "QuantizeLinear" else None
+        if source is None or consumers.get(source.name) != 1 or len(node.input) < 3:
+            keep.append(node)
+            continue
+        weight = numpy_helper.to_array(source).astype(np.float32)
+        scale = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(initializers[node.input[2]])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1:
+            shape = [1] * weight.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), zero.reshape(shape)
+        info = np.iinfo(zero.dtype)
+        quantized = np.clip(np.rint(weight / scale) + zero.astype(np.int32), info.min, info.max)
+        proto.graph.initializer.remove(source)
+        proto.graph.initializer.append(
+            numpy_helper.from_array(quantized.astype(zero.dtype), node.output[0]))
+        converted += 1
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return converted
 
 
 def to_fp16(proto):

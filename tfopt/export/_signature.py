@@ -103,8 +103,14 @@ def infer(model: keras.Model, input_signature=None) -> ModelSignature:
 
 
 def _input_layer_name(tensor) -> str:
+    """The name of the layer that produces ``tensor`` (a tfopt wrapper's inner layer)."""
     history = getattr(tensor, "_keras_history", None)
-    return history.operation.name if history is not None else "input"
+    if history is None:
+        return "input"
+    layer = history.operation
+    if isinstance(layer, keras.layers.Wrapper) and type(layer).__module__.startswith("tfopt."):
+        layer = layer.layer
+    return layer.name
 
 
 def _from_user_signature(signature):

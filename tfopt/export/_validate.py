@@ -30,8 +30,7 @@ class OutputError:
 def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray],
             precision: str, rtol: Optional[float] = None) -> dict[str, OutputError]:
     """Errors per output; raise ExportValidationError naming the first that drifts."""
-    rel, floor = TOLERANCES[precision]
-    rel = rtol if rtol is not None else rel
+    rel, floor = TOLERANCES[precision] if rtol is None else (rtol, 0.0)
     errors = {}
     for name, ref in reference.items():
         if name not in actual:

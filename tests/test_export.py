@@ -1,0 +1,257 @@
+import hashlib
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import onnx
+import pytest
+import tensorflow as tf
+from keras import layers
+
+import tfopt
+from tfopt import errors
+from tfopt.export import _onnx, _triton
+
+from conftest import small_data
+from test_pruning import Subclassed, functional, sequential
+
+
+def two_in_two_out():
+    a = keras.Input((6,), name="features")
+    b = keras.Input((4,), name="context")
+    h = layers.Dense(8, activation="relu", name="trunk")(layers.Concatenate()([a, b]))
+    score = layers.Dense(1, name="score")(h)
+    label = layers.Dense(3, activation="softmax", name="label")(h)
+    return keras.Model([a, b], [score, label], name="two_heads")
+
+
+def subclassed_built():
+    model = Subclassed()
+    model(np.zeros((1, 8, 8, 1), "float32"))
+    return model
+
+
+def tree_digest(path):
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path.parent)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in files}
+
+
+IMAGE = [tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image")]
+
+
+@pytest.mark.parametrize(
+    "make, signature, feed",
+    [
+        (sequential, None, lambda: small_data(16)[0]),
+        (functional, None, lambda: small_data(16)[0]),
+        (subclassed_built, IMAGE, lambda: small_data(16)[0]),
+        (two_in_two_out, None,
+         lambda: {"features": np.random.default_rng(0).normal(size=(16, 6)).astype("float32"),
+                  "context": np.random.default_rng(1).normal(size=(16, 4)).astype("float32")}),
+    ],
+    ids=["sequential", "functional", "subclassed", "two_in_two_out"],
+)
+def test_saved_model_and_onnx_match_keras_within_1e4_relative(make, signature, feed, tmp_path):
+    model = make()
+    result = tfopt.export(model, tmp_path, validation_data=feed(), input_signature=signature)
+    assert set(result.paths) == {"saved_model", "onnx"}
+    for fmt, per_output in result.errors.items():
+        for name, error in per_output.items():
+            assert error["max_rel"] <= 1e-4, (fmt, name, error)
+    assert result.max_abs_error == max(e["max_abs"] for p in result.errors.values()
+                                       for e in p.values())
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["formats"] == ["saved_model", "onnx"]
+    assert manifest["versions"]["tensorflow"] == tf.__version__
+    assert manifest["validation"]["inputs"] == "validation_data"
+
+
+def test_signature_names_inputs_and_outputs_after_the_model(tmp_path):
+    result = tfopt.export(two_in_two_out(), tmp_path, formats=("saved_model", "onnx"))
+    serving = tf.saved_model.load(str(result.paths["saved_model"])).signatures["serving_default"]
+    inputs = serving.structured_input_signature[1]
+    assert set(inputs) == {"features", "context"}
+    assert all(spec.shape[0] is None for spec in inputs.values())  # dynamic batch
+    assert set(serving.structured_outputs) == {"score", "label"}
+    proto = onnx.load(str(result.paths["onnx"]))
+    assert [i.name for i in proto.graph.input] == ["features", "context"]
+    assert [o.name for o in proto.graph.output] == ["score", "label"]
+    assert not any("keras_tensor" in i.name for i in proto.graph.input)
+
+
+def test_saved_model_cli_shows_and_runs_the_serving_signature(tmp_path):
+    result = tfopt.export(functional(), tmp_path, formats=("saved_model",),
+                          validation_data=small_data(4)[0])
+    cli = [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+    directory = str(result.paths["saved_model"])
+    shown = subprocess.run(cli + ["show", "--dir", directory, "--tag_set", "serve",
+                                  "--signature_def", "serving_default"],
+                           capture_output=True, text=True, check=True).stdout
+    name = result.manifest["signature"]["inputs"][0]["name"]
+    assert f"inputs['{name}']" in shown and "outputs['out']" in shown and "(-1, 8, 8, 1)" in shown
+    np.save(tmp_path / "x.npy", np.ones((2, 8, 8, 1), "float32"))
+    ran = subprocess.run(cli + ["run", "--dir", directory, "--tag_set", "serve",
+                                "--signature_def", "serving_default",
+                                "--inputs", f"{name}={tmp_path / 'x.npy'}"],
+                         capture_output=True, text=True, check=True).stdout
+    assert "Result for output key out" in ran
+
+
+def test_frozen_saved_model_frozen_graph_and_warmup_requests(tmp_path):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    x = small_data(8)[0]
+    result = tfopt.export(functional(), tmp_path, formats=("saved_model", "frozen_graph"),
+                          validation_data=x, freeze=True, warmup=True)
+    loaded = tf.saved_model.load(str(result.paths["saved_model"]))
+    assert not loaded.signatures["serving_default"].variables  # constants only
+    warmup = result.paths["saved_model"] / "assets.extra" / "tf_serving_warmup_requests"
+    records = list(tf.data.TFRecordDataset(str(warmup)).as_numpy_iterator())
+    assert len(records) == 8
+    log = prediction_log_pb2.PredictionLog.FromString(records[0])
+    assert log.predict_log.request.model_spec.signature_name == "serving_default"
+    graph_def = tf.compat.v1.GraphDef.FromString(result.paths["frozen_graph"].read_bytes())
+    ops = {node.op for node in graph_def.node}
+    assert "VarHandleOp" not in ops and "ReadVariableOp" not in ops
+    assert result.errors["frozen_graph"]["out"]["max_rel"] <= 1e-4
+
+
+def test_frozen_graph_folds_batch_norm_into_the_convolution(tmp_path):
+    x = small_data(8)[0]
+    result = tfopt.export(functional(), tmp_path, formats=("frozen_graph",), validation_data=x)
+    graph_def = tf.compat.v1.GraphDef.FromString(result.paths["frozen_graph"].read_bytes())
+    assert not any("BatchNorm" in node.op for node in graph_def.node)
+
+
+def test_fp16_onnx_has_float16_weights_and_float32_io(tmp_path):
+    x = small_data(16)[0]
+    result = tfopt.export(functional(), tmp_path, formats=("onnx",), precision="fp16",
+                          validation_data=x)
+    proto = onnx.load(str(result.paths["onnx"]))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert proto.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert 1e-7 < result.errors["onnx"]["out"]["max_rel"] < 2e-2
+
+
+def test_triton_repository_parses_with_tritons_model_config(tmp_path):
+    model = two_in_two_out()
+    result = tfopt.export(model, tmp_path, formats=("triton",), version=3,
+                          batch_sizes=(1, 4, 16))
+    repo = result.paths["triton"]
+    assert (repo / "3" / "model.onnx").is_file()
+    config = _triton.read_config(repo / "config.pbtxt")
+    assert config.name == "two_heads" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16 and config.HasField("dynamic_batching")
+    assert [(i.name, list(i.dims)) for i in config.input] == [("features", [6]), ("context", [4])]
+    assert [(o.name, list(o.dims)) for o in config.output] == [("score", [1]), ("label", [3])]
+    assert not (tmp_path / "model.onnx").exists()  # the ONNX was only a means
+
+
+def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):
+    model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
+                                           classes=10)
+    x = np.random.default_rng(0).uniform(size=(4, 32, 32, 3)).astype("float32")
+    result = tfopt.export(model, tmp_path, validation_data=x)
+    proto = onnx.load(str(result.paths["onnx"]))
+    assert len(proto.graph.input) == 1
+    for per_output in result.errors.values():
+        assert all(e["max_rel"] <= 1e-4 for e in per_output.values())
+
+
+def test_pruned_then_quantized_digits_cnn_exports(tmp_path):
+    from tfopt._examples import digits_cnn
+
+    x, y = small_data(64)
+    pruned = tfopt.prune(digits_cnn(), tfopt.ConstantSparsity(0.5, frequency=1))
+    pruned.compile(optimizer="adam",
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(x, y, epochs=1, verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
+    plain = tfopt.strip(pruned)
+    float_result = tfopt.export(plain, tmp_path / "float", validation_data=x)
+    assert float_result.max_rel_error <= 1e-4
+    assert float_result.manifest["sparsity"] == pytest.approx(tfopt.sparsity(plain))
+    qat = tfopt.quantize(plain, calibration_data=x)
+    int8_result = tfopt.export(qat, tmp_path / "int8", validation_data=x)
+    assert int8_result.manifest["precision"] == "int8"
+    assert int8_result.errors["saved_model"]["logits"]["max_rel"] <= 1e-4
+    assert int8_result.sizes["onnx"]["raw"] < 0.4 * float_result.sizes["onnx"]["raw"]
+
+
+# -- safety --------------------------------------------------------------------
+
+def test_existing_export_is_kept_unless_overwrite(tmp_path):
+    x = small_data(4)[0]
+    tfopt.export(functional(), tmp_path, validation_data=x)
+    before = tree_digest(tmp_path)
+    with pytest.raises(errors.ArtifactExistsError, match="overwrite=True"):
+        tfopt.export(functional(), tmp_path, validation_data=x)
+    assert tree_digest(tmp_path) == before
+    tfopt.export(functional(), tmp_path, validation_data=x, overwrite=True)
+    assert tree_digest(tmp_path) != before
+
+
+def test_failure_mid_export_leaves_the_previous_export_byte_for_byte(tmp_path, monkeypatch):
+    x = small_data(4)[0]
+    tfopt.export(functional(), tmp_path, validation_data=x)
+    before = tree_digest(tmp_path)
+
+    def broken_save(proto, path):
+        path.write_bytes(b"half an onnx file")
+        raise KeyboardInterrupt("interrupted while writing model.onnx")
+
+    monkeypatch.setattr(_onnx, "save", broken_save)
+    with pytest.raises(KeyboardInterrupt):
+        tfopt.export(functional(), tmp_path, validation_data=x, overwrite=True)
+    assert tree_digest(tmp_path) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_validation_failure_names_artifact_output_error_and_tolerance(tmp_path):
+    x = small_data(8)[0]
+    with pytest.raises(errors.ExportValidationError,
+                       match=r"onnx: output 'out' differs .* fp16 tolerance"):
+        tfopt.export(functional(), tmp_path, formats=("onnx",), precision="fp16",
+                     validation_data=x, tolerance=1e-9)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- gated backends ------------------------------------------------------------
+
+def test_tensorrt_without_tensorrt_names_the_package_and_writes_nothing(tmp_path):
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("tensorrt is installed here; this checks the error where it is not")
+    except ImportError:
+        pass
+    with pytest.raises(errors.BackendUnavailableError, match=r"pip install 'tfopt\[tensorrt\]'"):
+        tfopt.export(functional(), tmp_path, formats=("onnx", "tensorrt"))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tftrt_on_a_tensorflow_without_tensorrt_points_to_the_tensorrt_format(tmp_path):
+    from tfopt import _compat
+
+    if _compat.tensorflow_has_tensorrt():
+        pytest.skip("this TensorFlow has TensorRT")
+    with pytest.raises(errors.BackendUnavailableError, match="formats=\\('tensorrt',\\)"):
+        tfopt.export(functional(), tmp_path, formats=("tftrt",))
+
+
+# -- bad input -----------------------------------------------------------------
+
+def test_bad_input_gets_clear_errors(tmp_path):
+    with pytest.raises(errors.NotAKerasModelError):
+        tfopt.export("model.keras", tmp_path)
+    with pytest.raises(errors.ConfigError, match=r"Valid formats: \['saved_model'"):
+        tfopt.export(functional(), tmp_path, formats=("tflite",))
+    with pytest.raises(errors.ConfigError, match=r"has shape \(4, 7\).*expects \[None, 8, 8, 1\]"):
+        tfopt.export(functional(), tmp_path, validation_data=np.zeros((4, 7), "float32"))
+    with pytest.raises(errors.ModelNotBuiltError, match="input_signature"):
+        tfopt.export(Subclassed(), tmp_path)
+    with pytest.raises(errors.ConfigError, match="strip"):
+        tfopt.export(tfopt.prune(functional(), tfopt.ConstantSparsity(0.5)), tmp_path)
+    assert list(tmp_path.iterdir()) == []

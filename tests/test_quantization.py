@@ -1,0 +1,206 @@
+import logging
+
+import keras
+import numpy as np
+import onnx
+import pytest
+from keras import layers
+from onnx import numpy_helper
+
+import tfopt
+from tfopt import errors
+from tfopt.quantization import QuantizeInputs, QuantizeWrapper
+
+from conftest import small_data
+from test_pruning import KINDS, functional
+
+
+def fit(model, epochs=1, x=None, y=None):
+    if x is None:
+        x, y = small_data()
+    model.compile(optimizer="adam",
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(x, y, epochs=epochs, batch_size=16, verbose=0)
+    return model
+
+
+def onnx_qdq(path):
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+              for n in model.graph.node if n.op_type == "Constant"}
+    inits.update(consts)
+    return model, inits
+
+
+def residual_model():
+    inputs = keras.Input((8, 8, 4), name="x")
+    y = layers.Conv2D(4, 3, padding="same", name="conv_a")(inputs)
+    y = layers.BatchNormalization(name="bn")(y)
+    y = layers.DepthwiseConv2D(3, padding="same", name="dw")(y)
+    y = layers.Add(name="residual")([inputs, y])
+    y = layers.GlobalAveragePooling2D()(y)
+    return keras.Model(inputs, layers.Dense(10, name="head")(y), name="residual_net")
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "subclassed"])
+def test_qat_model_trains_and_exports_int8_qdq_with_zero_points_zero(kind, tmp_path):
+    model = KINDS[kind]()
+    x, y = small_data()
+    qat = fit(tfopt.quantize(model, "int8"), x=x, y=y)
+    wrappers = [la for la in qat._flatten_layers() if isinstance(la, QuantizeWrapper)]
+    assert len(wrappers) == 3  # conv, hidden, out
+    assert all(v > 0 for w in wrappers for v in w.activation_ranges().values())
+
+    signature = None if kind != "subclassed" else [
+        __import__("tensorflow").TensorSpec([None, 8, 8, 1], "float32", name="image")]
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x[:32],
+                          input_signature=signature)
+    proto, values = onnx_qdq(result.paths["onnx"])
+    qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq
+    for node in qdq:
+        assert values[node.input[2]].dtype == np.int8
+        assert np.all(values[node.input[2]] == 0)
+    # Weights: int8 in [-127, 127], per-channel scales along the output channel axis.
+    weight_dq = [n for n in proto.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] in values]
+    assert len(weight_dq) == 3
+    for node in weight_dq:
+        weight, scale = values[node.input[0]], values[node.input[1]]
+        assert weight.dtype == np.int8 and weight.min() >= -127
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        assert scale.shape == (weight.shape[axis],)
+    (error,) = result.errors["onnx"].values()
+    assert error["max_rel"] < 0.05
+
+
+def test_residual_add_gets_qdq_on_both_inputs_and_batchnorm_stays_float(tmp_path):
+    model = residual_model()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 8, 8, 4)).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    assert isinstance(qat.get_layer("quant_residual"), QuantizeInputs)
+    assert isinstance(qat.get_layer("bn"), layers.BatchNormalization)
+    fit(qat, x=x, y=rng.integers(0, 10, 32))
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    proto, _ = onnx_qdq(result.paths["onnx"])
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    add = next(n for n in proto.graph.node if n.op_type == "Add" and all(
+        producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+        for i in n.input))
+    assert len(add.input) == 2
+
+
+def test_calibration_makes_the_qat_model_accurate_before_fine_tuning(trained_digits, digits):
+    (x, _), (x_test, y_test) = digits
+    float_accuracy = trained_digits.evaluate(x_test, y_test, verbose=0)[1]
+    qat = tfopt.quantize(trained_digits, calibration_data=x[:256])
+    qat.compile(loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"])
+    assert qat.evaluate(x_test, y_test, verbose=0)[1] >= float_accuracy - 0.01
+
+
+def test_pruned_and_stripped_model_keeps_its_zeros_through_qat(tmp_path):
+    x, y = small_data()
+    pruned = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5, frequency=1))
+    pruned.compile(optimizer="adam",
+                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pruned.fit(x, y, epochs=1, verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
+    plain = tfopt.strip(pruned)
+    zeros_before = {p: v for p, v in tfopt.sparsity(plain).items()}
+    qat = fit(tfopt.quantize(plain), epochs=3, x=x, y=y)
+    assert tfopt.sparsity(qat) == pytest.approx(zeros_before, abs=1e-9)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x[:16])
+    proto, values = onnx_qdq(result.paths["onnx"])
+    int8_weights = [v for v in values.values() if v.dtype == np.int8 and v.ndim >= 2]
+    assert len(int8_weights) == 3
+    for weight in int8_weights:
+        assert np.mean(weight == 0) == pytest.approx(0.5, abs=0.01)
+
+
+def test_qat_model_saves_and_loads(tmp_path):
+    x, y = small_data()
+    qat = fit(tfopt.quantize(functional()), x=x, y=y)
+    path = tmp_path / "qat.keras"
+    qat.save(path)
+    restored = keras.models.load_model(path)
+    np.testing.assert_allclose(restored.predict(x, verbose=0), qat.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_activation_ranges_freeze_after_the_configured_step():
+    config = tfopt.QuantizationConfig(freeze_activation_ranges_after=4)
+    x, y = small_data(64)  # 4 steps per epoch
+    qat = fit(tfopt.quantize(functional(), config), x=x, y=y)
+    ranges = {k: v for w in qat.layers if isinstance(w, QuantizeWrapper)
+              for k, v in w.activation_ranges().items()}
+    fit(qat, x=x * 10, y=y)
+    after = {k: v for w in qat.layers if isinstance(w, QuantizeWrapper)
+             for k, v in w.activation_ranges().items()}
+    assert after == ranges
+
+
+# -- bad input ---------------------------------------------------------------
+
+def test_unknown_config_string_lists_the_valid_ones():
+    with pytest.raises(errors.ConfigError, match=r"'int4'.*Valid strings: \['int8'\]"):
+        tfopt.quantize(functional(), "int4")
+
+
+@pytest.mark.parametrize("bits", [1, 9, 8.0, True])
+def test_invalid_bit_widths(bits):
+    with pytest.raises(errors.ConfigError, match="weight_bits must be an integer from 2 to 8"):
+        tfopt.QuantizationConfig(weight_bits=bits)
+
+
+def test_quantizing_twice_is_refused():
+    qat = tfopt.quantize(functional())
+    with pytest.raises(errors.AlreadyQuantizedError, match="already quantized"):
+        tfopt.quantize(qat)
+
+
+def test_a_model_still_pruning_must_be_stripped_first():
+    pruned = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5))
+    with pytest.raises(errors.ConfigError, match=r"tfopt.quantize\(tfopt.strip\(model\)\)"):
+        tfopt.quantize(pruned)
+
+
+def test_strict_rejects_unsupported_layers_in_one_error_else_reports_once(caplog):
+    inputs = keras.Input((8,))
+    x = layers.Dense(8, name="d")(inputs)
+    x = layers.LayerNormalization(name="ln1")(x)
+    x = layers.Dense(8, name="d2")(x)
+    model = keras.Model(inputs, layers.LayerNormalization(name="ln2")(x))
+    with pytest.raises(errors.UnsupportedLayerError, match="ln1 .*ln2"):
+        tfopt.quantize(model, strict=True)
+    with caplog.at_level(logging.INFO, logger="tfopt"):
+        tfopt.quantize(model)
+    reports = [r for r in caplog.records if "Left in float" in r.getMessage()]
+    assert len(reports) == 1 and "ln1" in reports[0].getMessage()
+
+
+def test_nothing_to_quantize():
+    model = keras.Sequential([keras.Input((4,)), layers.ReLU()])
+    with pytest.raises(errors.NothingToQuantizeError):
+        tfopt.quantize(model)
+
+
+def test_export_refuses_fp16_for_a_qat_model_and_int8_for_a_float_one(tmp_path):
+    with pytest.raises(errors.ConfigError, match="quantize the model first"):
+        tfopt.export(functional(), tmp_path, formats=("onnx",), precision="int8")
+    with pytest.raises(errors.ConfigError, match="int8 Q/DQ"):
+        tfopt.export(tfopt.quantize(functional()), tmp_path, formats=("onnx",),
+                     precision="fp16")
+
+
+def test_tf_keras_models_are_quantized_by_tfmot():
+    import tf_keras
+
+    from tfopt._examples import digits_cnn
+
+    qat = tfopt.quantize(digits_cnn(tf_keras))
+    assert type(qat).__module__.startswith("tf_keras")
+    assert any("Quantize" in type(layer).__name__ for layer in qat.layers)
+    with pytest.raises(errors.AlreadyQuantizedError):
+        tfopt.quantize(qat)
