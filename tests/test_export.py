@@ -177,6 +177,9 @@ def test_pruned_then_quantized_digits_cnn_exports(tmp_path):
     qat = tfopt.quantize(plain, calibration_data=x)
     int8_result = tfopt.export(qat, tmp_path / "int8", validation_data=x)
     assert int8_result.manifest["precision"] == "int8"
+    # Pruning and quantizing clone the model; its input keeps its name.
+    assert int8_result.manifest["signature"] == float_result.manifest["signature"]
+    assert float_result.manifest["signature"]["inputs"][0]["name"] == "image"
     assert int8_result.errors["saved_model"]["logits"]["max_rel"] <= 1e-4
     assert int8_result.sizes["onnx"]["raw"] < 0.4 * float_result.sizes["onnx"]["raw"]
 

@@ -11,7 +11,7 @@ Example:
     >>> tfopt.sparsity(plain)
 """
 
-from tfopt import callbacks, datasets, errors
+from tfopt import bench, callbacks, datasets, errors
 from tfopt.export import ExportResult, export
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
@@ -25,6 +25,7 @@ __all__ = [
     "PolynomialDecay",
     "QuantizationConfig",
     "__version__",
+    "bench",
     "callbacks",
     "datasets",
     "errors",

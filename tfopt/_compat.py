@@ -87,6 +87,23 @@ def is_graph_model(layer: Any) -> bool:
     return isinstance(layer, (keras.Sequential, Functional))
 
 
+def clone_graph_model(model: keras.Model, clone_function) -> keras.Model:
+    """``keras.models.clone_model`` that keeps the names of functional inputs.
+
+    Left to itself, Keras names a cloned functional model's inputs after the
+    input tensors (``keras_tensor_N``) instead of the Input layers.
+    """
+    input_tensors = None
+    if not isinstance(model, keras.Sequential):
+        input_tensors = keras.tree.map_structure(
+            lambda t: keras.Input(batch_shape=t.shape, dtype=t.dtype,
+                                  name=t._keras_history.operation.name),
+            model.input,
+        )
+    return keras.models.clone_model(model, input_tensors=input_tensors,
+                                    clone_function=clone_function)
+
+
 def replace_sublayer(parent: keras.layers.Layer, old: keras.layers.Layer,
                      new: keras.layers.Layer) -> None:
     """Swap a tracked sublayer of ``parent`` in place, keeping Keras' tracking.

@@ -48,10 +48,7 @@ def rewrite(layer: keras.layers.Layer, replace: Replace) -> keras.layers.Layer:
     if substitute is not None:
         return substitute
     if _compat.is_graph_model(layer):
-        clone = keras.models.clone_model(
-            layer, clone_function=lambda child: rewrite(child, replace)
-        )
-        return clone
+        return _compat.clone_graph_model(layer, lambda child: rewrite(child, replace))
     for child in _compat.direct_sublayers(layer):
         new_child = rewrite(child, replace)
         if new_child is not child:
