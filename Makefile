@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast demo bench clean
+.PHONY: venv test demo bench clean
 
 venv: $(STAMP)
 
@@ -19,10 +19,11 @@ test: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m pytest -q
 
 demo: $(STAMP)
-	TF_CPP_MIN_LOG_LEVEL=2 $(PY) -m tfopt.demo
+	TF_CPP_MIN_LOG_LEVEL=2 $(VENV)/bin/tfopt run recipes/digits_prune_qat.yaml --output runs/digits_prune_qat
 
 bench: $(STAMP)
 	$(PY) benchmarks/pruning_overhead.py
+	$(PY) benchmarks/qat.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

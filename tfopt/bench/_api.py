@@ -61,31 +61,35 @@ class BenchReport:
     def write_json(self, path: Union[str, os.PathLike]) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2))
 
-    def headline(self, baseline: Optional[str] = None, candidate: Optional[str] = None,
-                 batch_size: Optional[int] = None) -> str:
+    def headline(self, baseline: Optional[str] = None, candidate_prefix: str = "",
+                 size_reference: Optional[str] = None, batch_size: Optional[int] = None) -> str:
         """One sentence: how much smaller and faster, at what accuracy cost.
 
-        ``baseline`` and ``candidate`` are runner names; by default the first
-        runner is the baseline and the fastest other one the candidate.
+        Args:
+            baseline: Name of the runner to compare against (default: the first).
+            candidate_prefix: Only runners whose name starts with this compete;
+                the fastest of them is reported.
+            size_reference: Runner whose artifact size stands for the baseline's
+                (a Keras model in memory has no file; its float ONNX does).
+            batch_size: Batch size to compare at (default: the smallest timed).
         """
         batch = batch_size or min(r.batch_size for r in self.rows)
         at = [r for r in self.rows if r.batch_size == batch]
         base = next((r for r in at if r.name == baseline), at[0])
-        others = [r for r in at if r is not base]
+        others = [r for r in at if r is not base and r.name.startswith(candidate_prefix)]
         if not others:
             return f"{base.name}: {base.p50_ms:.2f} ms at batch {batch}."
-        best = next((r for r in others if r.name == candidate), None) or min(
-            others, key=lambda r: r.p50_ms)
+        best = min(others, key=lambda r: r.p50_ms)
         parts = [f"{best.name} is {base.p50_ms / best.p50_ms:.1f}x faster than {base.name} "
-                 f"at batch {batch} ({best.p50_ms:.2f} vs {base.p50_ms:.2f} ms)"]
-        base_size = base.size_bytes or next(
-            (r.size_bytes for r in self.rows if r.name == base.name and r.size_bytes), None)
-        if base_size and best.size_bytes:
-            parts.append(f"{base_size / best.size_bytes:.1f}x smaller "
-                         f"({best.size_bytes / 2**20:.2f} vs {base_size / 2**20:.2f} MB)")
+                 f"at batch {batch} ({best.p50_ms:.3g} vs {base.p50_ms:.3g} ms)"]
+        reference = next((r for r in at if r.name == size_reference), base)
+        if reference.size_bytes and best.size_bytes:
+            parts.append(f"{reference.size_bytes / best.size_bytes:.1f}x smaller than "
+                         f"{reference.name.split(' / ')[0]} ({best.size_bytes / 2**20:.3g} vs "
+                         f"{reference.size_bytes / 2**20:.3g} MB)")
         if base.accuracy is not None and best.accuracy is not None:
-            parts.append(f"accuracy {100 * best.accuracy:.2f}% vs {100 * base.accuracy:.2f}% "
-                         f"({100 * (best.accuracy - base.accuracy):+.2f} points)")
+            parts.append(f"at {100 * (best.accuracy - base.accuracy):+.2f} accuracy points "
+                         f"({100 * best.accuracy:.2f}% vs {100 * base.accuracy:.2f}%)")
         return ", ".join(parts) + "."
 
     def plot(self, path: Union[str, os.PathLike], batch_size: Optional[int] = None) -> Path:
@@ -101,7 +105,8 @@ class BenchReport:
         names = [r.name for r in rows]
         left.barh(names, [r.p50_ms for r in rows], xerr=[[0] * len(rows),
                   [r.p90_ms - r.p50_ms for r in rows]], color="#4c72b0")
-        left.set_xlabel(f"median latency, ms (batch {batch}; whisker: p90)")
+        left.set_xscale("log")
+        left.set_xlabel(f"median latency, ms, log scale (batch {batch}; whisker: p90)")
         left.invert_yaxis()
         sized = [(r.name, r.size_bytes / 2**20) for r in rows if r.size_bytes]
         if sized:

@@ -1,0 +1,141 @@
+"""The `tfopt` command and recipes, as a user runs them."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tfopt
+from tfopt import _recipe
+from tfopt.cli import main
+
+from test_pruning import functional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tfopt_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "tfopt.cli", *map(str, args)],
+                          capture_output=True, text=True, cwd=cwd, timeout=600)
+
+
+@pytest.mark.parametrize("command", ["run", "export", "bench", "inspect"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: tfopt " + command in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_shipped_recipes_validate(recipe):
+    loaded = _recipe.load(recipe)
+    assert loaded.spec["name"] == recipe.stem
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+GOOD = """\
+name: tiny
+model:
+  source: digits_cnn
+data:
+  source: synthetic
+  args: {shape: [8, 8, 1], classes: 10, train_samples: 64, test_samples: 32}
+prune:
+  final_sparsity: 0.5
+  epochs: 1
+"""
+
+
+def test_recipe_errors_name_the_key_and_the_line(tmp_path):
+    bad = GOOD.replace("final_sparsity: 0.5", "final_sparsity: 1.5\n  epochz: 2") + \
+        "export:\n  formats: [onnx, tflite]\n"
+    with pytest.raises(_recipe.RecipeError) as info:
+        _recipe.load(write(tmp_path, bad))
+    message = str(info.value)
+    assert "recipe.yaml:8: 'prune.final_sparsity' must be < 1, got 1.5" in message
+    assert "recipe.yaml:9: unknown key 'prune.epochz'" in message
+    assert "recipe.yaml:12: 'export.formats' items must be one of" in message
+
+
+def test_missing_required_keys_and_bad_types(tmp_path):
+    with pytest.raises(_recipe.RecipeError) as info:
+        _recipe.load(write(tmp_path, "name: 3\ndata:\n  source: digits\n"))
+    message = str(info.value)
+    assert "'name' must be a string, got 3" in message
+    assert "missing required key 'model'" in message
+
+
+def test_bad_recipe_exits_2_with_one_line_and_no_traceback(tmp_path):
+    path = write(tmp_path, GOOD.replace("0.5", "1.5"))
+    result = tfopt_cli("run", path, "--output", tmp_path / "out")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("tfopt run: error: Recipe has problems")
+    assert not (tmp_path / "out").exists()  # validated before any work
+
+
+def test_missing_files_exit_2(tmp_path):
+    for args in (["run", tmp_path / "nope.yaml"], ["export", tmp_path / "nope.keras", "-o", tmp_path],
+                 ["bench", tmp_path / "nope.onnx"], ["inspect", tmp_path / "nope.keras"]):
+        result = tfopt_cli(*args)
+        assert result.returncode == 2, args
+        assert "Traceback" not in result.stderr and "error:" in result.stderr
+
+
+@pytest.mark.slow
+def test_run_digits_recipe_writes_a_report_that_answers_first(tmp_path):
+    result = tfopt_cli("run", ROOT / "recipes" / "digits_prune_qat.yaml", "--output", tmp_path,
+                       cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Report: {tmp_path / 'report.md'}" in result.stdout
+    report = (tmp_path / "report.md").read_text()
+    first = report.splitlines()[0]
+    assert "faster than baseline keras predict" in first and "smaller" in first \
+        and "accuracy points" in first
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["baseline_accuracy"] - metrics["final_accuracy"] <= 0.02
+    assert all(abs(v - 0.8) < 0.01 for v in metrics["sparsity"].values())
+    assert (tmp_path / "latency_size.png").stat().st_size > 10_000
+    assert (tmp_path / "manifest_int8.json").exists()
+    assert (tmp_path / "export" / "int8" / "model.onnx").exists()
+
+
+def test_export_bench_and_inspect_commands(tmp_path):
+    model = functional()
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32")
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.zeros(8, "int64"))
+    out = tmp_path / "export"
+    result = tfopt_cli("export", tmp_path / "m.keras", "-f", "onnx", "-f", "saved_model",
+                       "-o", out, "--validation-data", tmp_path / "x.npy")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "onnx" in result.stdout and (out / "model.onnx").exists()
+
+    result = tfopt_cli("bench", out / "model.onnx", out / "saved_model" / "1", "--batch", "1,4",
+                       "--inputs", tmp_path / "x.npy", "--labels", tmp_path / "y.npy",
+                       "--repeats", "3", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    assert {(r["backend"], r["batch_size"]) for r in rows} == {
+        ("ort_cpu", 1), ("ort_cpu", 4), ("saved_model", 1), ("saved_model", 4)}
+    assert all(r["p50_ms"] > 0 and r["accuracy"] is not None for r in rows)
+    assert (tmp_path / "b.png").exists()
+
+    pruned = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5))
+    pruned.save(tmp_path / "pruned.keras")
+    result = tfopt_cli("inspect", tmp_path / "pruned.keras")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pruning wrapper, step 0" in result.stdout
+    result = tfopt_cli("inspect", out / "saved_model" / "1")
+    assert result.returncode == 0 and "serving_default" in result.stdout

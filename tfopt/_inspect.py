@@ -1,0 +1,69 @@
+"""`tfopt inspect`: per-layer sparsity and quantization of a saved model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def summary(path: Path) -> str:
+    path = Path(path)
+    if path.suffix == ".keras":
+        return _keras_summary(path)
+    if (path / "saved_model.pb").exists():
+        return _saved_model_summary(path)
+    raise ValueError(f"{path} is neither a .keras file nor a SavedModel folder.")
+
+
+def _keras_summary(path: Path) -> str:
+    import keras
+
+    import tfopt
+    from tfopt import _tree
+    from tfopt.pruning import PruneLowMagnitude
+    from tfopt.quantization import QuantizeInputs, QuantizeWrapper
+
+    model = keras.models.load_model(path)
+    sparsity = tfopt.sparsity(model)
+    rows = [f"{'layer':<40}{'type':<22}{'params':>10}{'zeros':>8}  quantization"]
+    for layer_path, layer in _tree.walk(model, stop=lambda la: isinstance(
+            la, (PruneLowMagnitude, QuantizeWrapper, QuantizeInputs))):
+        if not layer.weights and not isinstance(layer, QuantizeInputs):
+            continue
+        inner = getattr(layer, "layer", layer)
+        zeros = [v for k, v in sparsity.items() if any(k == w.path for w in inner.weights)]
+        quant = ""
+        if isinstance(layer, QuantizeWrapper):
+            ranges = layer.activation_ranges()
+            quant = f"int8 weights per channel, input |max| {max(ranges.values()):.3g}"
+        elif isinstance(layer, QuantizeInputs):
+            quant = "int8 inputs"
+        if isinstance(layer, PruneLowMagnitude):
+            quant = f"pruning wrapper, step {int(layer.pruning_step.numpy())}"
+        rows.append(f"{layer_path:<40}{type(inner).__name__:<22}{inner.count_params():>10,}"
+                    f"{'' if not zeros else f'{100 * zeros[0]:.1f}%':>8}  {quant}")
+    total = sum(float(np.mean(keras.ops.convert_to_numpy(w) == 0)) * np.prod(w.shape)
+                for w in model.weights if w.trainable)
+    params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    rows.append(f"\n{model.name}: {params:,} trainable parameters, "
+                f"{100 * total / max(params, 1):.1f}% zeros overall")
+    return "\n".join(rows)
+
+
+def _saved_model_summary(path: Path) -> str:
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(path))
+    rows = [f"{'variable':<60}{'shape':<20}{'zeros':>8}"]
+    for variable in sorted(loaded.variables, key=lambda v: v.name):
+        value = variable.numpy()
+        rows.append(f"{variable.name:<60}{str(tuple(value.shape)):<20}"
+                    f"{100 * float(np.mean(value == 0)):>7.1f}%")
+    serving = loaded.signatures.get("serving_default")
+    if serving is not None:
+        inputs = {k: (tuple(v.shape), v.dtype.name)
+                  for k, v in serving.structured_input_signature[1].items()}
+        outputs = {k: (tuple(v.shape), v.dtype.name) for k, v in serving.structured_outputs.items()}
+        rows.append(f"\nserving_default: inputs {inputs}, outputs {outputs}")
+    return "\n".join(rows)
