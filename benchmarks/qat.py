@@ -69,12 +69,10 @@ def train_step_ratio(steps: int):
     loss = keras.losses.SparseCategoricalCrossentropy()
     plain = MODELS["mobilenetv2"]()
     qat = tfopt.quantize(MODELS["mobilenetv2"](), calibration_data=x[:8])
-    times = {}
-    for key, model in (("plain", plain), ("qat", qat)):
+    for model in (plain, qat):
         model.compile(optimizer="sgd", loss=loss)
         model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0)  # trace
-    for key in ("plain", "qat"):
-        times[key] = []
+    times = {"plain": [], "qat": []}
     for i in range(steps):
         for key, model in (("plain", plain), ("qat", qat)):
             start = time.perf_counter()

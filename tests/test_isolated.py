@@ -4,7 +4,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 
 def run_python(code: str, timeout: int = 300) -> str:

@@ -133,7 +133,7 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     step("benchmark")
     runners = (tfopt.bench.runners_for(baseline, "baseline keras")
                + tfopt.bench.runners_for(baseline_export.paths["onnx"], "baseline onnx"))
-    for precision, result in exports.items():
+    for result in exports.values():
         for fmt in ("saved_model", "onnx"):
             if fmt in result.paths:
                 runners += tfopt.bench.runners_for(result.paths[fmt], f"optimized {fmt}")

@@ -1,0 +1,193 @@
+"""GPU figures: ONNX Runtime CUDA, FP32 vs FP16 (and INT8 Q/DQ), MobileNetV2 and ResNet50.
+
+Two steps, because the GPU machine has onnxruntime but no TensorFlow:
+
+1. ``prepare`` (here, with TensorFlow): export ``keras.applications``
+   MobileNetV2 and ResNet50 (weights=None, 224x224) with ``tfopt.export`` as
+   FP32, FP16 and QAT INT8 ONNX. Weights are stored as external data and left
+   behind: only the graphs (a few hundred kB) travel.
+2. ``run`` (on the GPU machine): fill every external weight with random
+   values of its shape and dtype (He-scaled normal for floats, uniform int8
+   for Q/DQ weights; dense GPU kernels take as long whatever the values), and
+   time each model with tfopt.bench's ONNX Runtime CUDA runner (I/O bound to
+   the GPU) at batch 1, 8 and 64 under each of ``CONFIGS``: ONNX Runtime's
+   default CUDA options, ``prefer_nhwc``, NHWC with TF32 off (IEEE FP32), and
+   NHWC with CUDA graphs. Prints a table and writes JSON to ``--json``.
+
+Usage:
+    python benchmarks/gpu_onnx.py prepare --out .gpu/models
+    python3 benchmarks/gpu_onnx.py run --models .gpu/models --json $OUT/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import types
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("mobilenetv2", "resnet50")
+
+# ONNX Runtime CUDA provider settings compared. Its default runs float32
+# convolutions as TF32 on tensor cores; "strict" turns that off (IEEE FP32).
+CONFIGS = (
+    ("default", {}),
+    ("nhwc", {"prefer_nhwc": "1"}),
+    ("nhwc-strict", {"prefer_nhwc": "1", "use_tf32": "0"}),
+    ("nhwc-graph", {"prefer_nhwc": "1", "enable_cuda_graph": "1"}),
+)
+
+
+def prepare(out: Path) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import onnx
+
+    import tfopt
+
+    out.mkdir(parents=True, exist_ok=True)
+    factories = {"mobilenetv2": keras.applications.MobileNetV2,
+                 "resnet50": keras.applications.ResNet50}
+    x = np.random.default_rng(0).uniform(size=(8, 224, 224, 3)).astype("float32")
+    for name in MODELS:
+        model = factories[name](weights=None, input_shape=(224, 224, 3))
+        for precision, candidate in (("fp32", model), ("fp16", model),
+                                     ("int8", tfopt.quantize(model, calibration_data=x))):
+            result = tfopt.export(candidate, out / f"tmp_{name}_{precision}", formats=("onnx",),
+                                  precision=precision, validation_data=x[:2], overwrite=True)
+            proto = onnx.load(str(result.paths["onnx"]))
+            graph = out / f"{name}_{precision}.onnx"
+            onnx.save(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=f"{graph.stem}.weights", size_threshold=4096)
+            (out / f"{graph.stem}.weights").unlink()  # regenerated on the GPU machine
+            print(f"{graph.name}: graph {graph.stat().st_size / 1024:.0f} kB, "
+                  f"validated max |diff| {result.max_abs_error:.2e}")
+            import shutil
+
+            shutil.rmtree(out / f"tmp_{name}_{precision}")
+
+
+def _fill_weights(graph: Path, target: Path, seed: int = 0) -> None:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(graph), load_external_data=False)
+    rng = np.random.default_rng(seed)
+    for index, tensor in enumerate(proto.graph.initializer):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        shape = tuple(tensor.dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        if np.issubdtype(dtype, np.integer):
+            values = rng.integers(-127, 128, size=shape).astype(dtype)
+        else:
+            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else max(shape[0], 1)
+            values = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
+        filled = numpy_helper.from_array(values, tensor.name)
+        proto.graph.initializer[index].CopyFrom(filled)
+    onnx.save(proto, str(target))
+
+
+def _import_tfopt_bench():
+    """tfopt.bench's timing and ONNX Runtime modules, without tfopt's TensorFlow imports."""
+    for package, path in (("tfopt", ROOT / "tfopt"), ("tfopt.bench", ROOT / "tfopt" / "bench")):
+        module = types.ModuleType(package)
+        module.__path__ = [str(path)]
+        sys.modules.setdefault(package, module)
+    modules = {}
+    for name in ("_timing", "_ort"):
+        spec = importlib.util.spec_from_file_location(f"tfopt.bench.{name}",
+                                                      ROOT / "tfopt" / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+        modules[name] = module
+    return modules["_timing"], modules["_ort"]
+
+
+def run(models_dir: Path, json_path: Path, batches=(1, 8, 64), repeats: int = 30) -> None:
+    import numpy as np
+    import onnxruntime
+
+    if hasattr(onnxruntime, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels
+        onnxruntime.preload_dlls()
+    timing, ort_runners = _import_tfopt_bench()
+    work = Path("/tmp/tfopt_gpu_models")
+    work.mkdir(exist_ok=True)
+    device = _device_name()
+    rows = []
+    for graph in sorted(models_dir.glob("*.onnx")):
+        full = work / graph.name
+        _fill_weights(graph, full)
+        for layout, options in CONFIGS:
+            for batch in batches:
+                # A session per shape: a captured CUDA graph is tied to one shape.
+                x = np.random.default_rng(1).uniform(size=(batch, 224, 224, 3)).astype("float32")
+                feed = [x]
+                try:
+                    (runner,) = ort_runners.onnx_runners(
+                        full, graph.stem, ["CUDAExecutionProvider"], cuda_options=options)
+                    t = timing.measure(lambda: runner.run(feed), warmup=10, repeats=repeats,
+                                       min_seconds=1.0)
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    print(f"{graph.stem} {layout} batch {batch}: failed: {exc}", flush=True)
+                    continue
+                rows.append({"model": graph.stem.rsplit("_", 1)[0], "precision": runner.precision,
+                             "layout": layout, "batch": batch, "p50_ms": 1e3 * t.p50,
+                             "p90_ms": 1e3 * t.p90, "images_per_s": t.throughput(batch),
+                             "runs": t.runs})
+                print(f"{graph.stem:<18}{layout:<12}{batch:>4}{1e3 * t.p50:>10.3f} ms"
+                      f"{t.throughput(batch):>12.0f} img/s", flush=True)
+    result = {"device": device, "onnxruntime": onnxruntime.__version__, "rows": rows}
+    json_path.write_text(json.dumps(result, indent=2))
+    print(_table(result))
+
+
+def _device_name() -> str:
+    try:
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001 - informational
+        return "unknown GPU"
+
+
+def _table(result) -> str:
+    rows = result["rows"]
+    lines = [f"{result['device']}, onnxruntime-gpu {result['onnxruntime']}, CUDA provider, "
+             "I/O bound to the GPU, median of >= 30 runs",
+             "| model | layout | batch | FP32 img/s | FP16 img/s | INT8 Q/DQ img/s | FP16/FP32 |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    keys = sorted({(r["model"], r["layout"], r["batch"]) for r in rows})
+    for model, layout, batch in keys:
+        by = {r["precision"]: r["images_per_s"] for r in rows
+              if (r["model"], r["layout"], r["batch"]) == (model, layout, batch)}
+        ratio = by.get("fp16", 0) / by["fp32"] if by.get("fp32") else float("nan")
+        lines.append(f"| {model} | {layout} | {batch} | {by.get('fp32', 0):,.0f} | "
+                     f"{by.get('fp16', 0):,.0f} | {by.get('int8', 0):,.0f} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", type=Path, default=ROOT / ".gpu" / "models")
+    r = sub.add_parser("run")
+    r.add_argument("--models", type=Path, default=ROOT / ".gpu" / "models")
+    r.add_argument("--json", type=Path, default=Path("gpu_onnx.json"))
+    args = parser.parse_args(argv)
+    if args.step == "prepare":
+        prepare(args.out)
+    else:
+        run(args.models, args.json)
+
+
+if __name__ == "__main__":
+    main()
