@@ -120,10 +120,21 @@ def test_frozen_saved_model_frozen_graph_and_warmup_requests(tmp_path):
 
 
 def test_frozen_graph_folds_batch_norm_into_the_convolution(tmp_path):
-    x = small_data(8)[0]
-    result = tfopt.export(functional(), tmp_path, formats=("frozen_graph",), validation_data=x)
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(4, 3, name="conv")(inputs)
+    bn = layers.BatchNormalization(name="bn")
+    x = layers.ReLU()(bn(x))
+    model = keras.Model(inputs, layers.Dense(2, name="out")(layers.Flatten()(x)))
+    rng = np.random.default_rng(0)
+    bn.set_weights([rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4),
+                    rng.uniform(0.5, 2, 4)])  # gamma, beta, moving mean, moving variance
+    x = rng.normal(size=(8, 8, 8, 3)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("frozen_graph",), validation_data=x)
     graph_def = tf.compat.v1.GraphDef.FromString(result.paths["frozen_graph"].read_bytes())
-    assert not any("BatchNorm" in node.op for node in graph_def.node)
+    ops = [node.op for node in graph_def.node]
+    assert ops.count("Conv2D") == 1
+    assert not {"Rsqrt", "Mul", "Sub", "FusedBatchNormV3"} & set(ops), ops
+    assert result.errors["frozen_graph"]["out"]["max_rel"] <= 1e-4
 
 
 def test_fp16_onnx_has_float16_weights_and_float32_io(tmp_path):

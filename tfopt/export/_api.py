@@ -169,7 +169,7 @@ def export(model, directory: Union[str, os.PathLike], *,
         "triton": f"triton/{name}",
     }
     chosen = {f: targets[f] for f in formats}
-    errors, artifact_sizes, paths, extra = {}, {}, {}, {}
+    errors, artifact_sizes, extra = {}, {}, {}
     serve = _saved_model.serving_function(model, signature)
     with _staging.Staging(directory, [*chosen.values(), "manifest.json"], overwrite) as stage:
 
@@ -265,16 +265,29 @@ def _progress(formats):
 
 # -- one builder per format: write the artifact, return how to run it --------
 
-def _build_saved_model(model, signature, serve, path, need, *, feed, freeze, warmup, **_):
-    _saved_model.write_saved_model(model, signature, path, freeze=freeze,
-                                   warmup=feed if warmup else None)
-
+def _saved_model_runner(path: Path, signature):
     def run(arrays):
         loaded = tf.saved_model.load(str(path)).signatures["serving_default"]
         out = loaded(**{s.name: tf.constant(a) for s, a in zip(signature.inputs, arrays)})
         return {k: v.numpy() for k, v in out.items()}
 
-    return {"run": run, "frozen": freeze}
+    return run
+
+
+def _onnx_runner(path: Path, signature):
+    def run(arrays):
+        session = _onnx.session(path)
+        values = session.run(list(signature.outputs),
+                             {s.name: a for s, a in zip(signature.inputs, arrays)})
+        return dict(zip(signature.outputs, values))
+
+    return run
+
+
+def _build_saved_model(model, signature, serve, path, need, *, feed, freeze, warmup, **_):
+    _saved_model.write_saved_model(model, signature, path, freeze=freeze,
+                                   warmup=feed if warmup else None)
+    return {"run": _saved_model_runner(path, signature), "frozen": freeze}
 
 
 def _build_frozen_graph(model, signature, serve, path, need, **_):
@@ -296,14 +309,7 @@ def _build_onnx(model, signature, serve, path, need, *, precision, opset, quanti
     if precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
-
-    def run(arrays):
-        session = _onnx.session(path)
-        values = session.run(list(signature.outputs),
-                             {s.name: a for s, a in zip(signature.inputs, arrays)})
-        return dict(zip(signature.outputs, values))
-
-    return {"run": run, **info}
+    return {"run": _onnx_runner(path, signature), **info}
 
 
 def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_sizes,
@@ -325,13 +331,7 @@ def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_siz
 def _build_tftrt(model, signature, serve, path, need, *, precision, feed, **_):
     _tftrt.convert(need("saved_model")["path"], path, precision=precision,
                    calibration=feed)
-
-    def run(arrays):
-        loaded = tf.saved_model.load(str(path)).signatures["serving_default"]
-        out = loaded(**{s.name: tf.constant(a) for s, a in zip(signature.inputs, arrays)})
-        return {k: v.numpy() for k, v in out.items()}
-
-    return {"run": run}
+    return {"run": _saved_model_runner(path, signature)}
 
 
 def _build_triton(model, signature, serve, path, need, *, reference, batch_sizes,
@@ -340,15 +340,7 @@ def _build_triton(model, signature, serve, path, need, *, reference, batch_sizes
     shapes = {k: (v.shape, v.dtype) for k, v in reference.items()}
     _triton.write_repository(path.parent, name, version, "onnx", onnx_path, signature, shapes,
                              max_batch_size=batch_sizes[2])
-    model_file = path / str(version) / "model.onnx"
-
-    def run(arrays):
-        session = _onnx.session(model_file)
-        values = session.run(list(signature.outputs),
-                             {s.name: a for s, a in zip(signature.inputs, arrays)})
-        return dict(zip(signature.outputs, values))
-
-    return {"run": run}
+    return {"run": _onnx_runner(path / str(version) / "model.onnx", signature)}
 
 
 _BUILDERS = {}

@@ -105,6 +105,8 @@ def write_frozen_graph(model: keras.Model, signature: ModelSignature,
     by_key = dict(zip(keys, flat_names))
     input_nodes = [t.name.split(":")[0] for t in frozen.inputs]
     output_nodes = [by_key[k].split(":")[0] for k in signature.outputs]
+    graph_def = _grappler_fold(graph_def, [t.name for t in frozen.inputs],
+                               [by_key[k] for k in signature.outputs])
     graph_def = optimize_for_inference_lib.optimize_for_inference(
         graph_def, input_nodes, output_nodes,
         [spec.dtype.as_datatype_enum for spec in signature.inputs],
@@ -112,6 +114,27 @@ def write_frozen_graph(model: keras.Model, signature: ModelSignature,
     )
     path.write_bytes(graph_def.SerializeToString())
     return [by_key[k] for k in signature.outputs], [t.name for t in frozen.inputs]
+
+
+def _grappler_fold(graph_def, inputs: list[str], outputs: list[str]):
+    """Grappler's constant folding and arithmetic simplification on a frozen graph.
+
+    Folds inference BatchNorm into constants and pushes per-channel
+    multiplications into convolution weights. Fake-quantization ops stay.
+    """
+    from tensorflow.core.protobuf import config_pb2, meta_graph_pb2
+    from tensorflow.python.grappler import tf_optimizer
+
+    config = config_pb2.ConfigProto()
+    rewrite = config.graph_options.rewrite_options
+    rewrite.optimizers[:] = ["constfold", "arithmetic", "dependency", "function"]
+    rewrite.experimental_disable_folding_quantization_emulation = True
+    with tf.Graph().as_default():
+        meta_graph = tf.compat.v1.train.export_meta_graph(graph_def=graph_def)
+    fetch = meta_graph_pb2.CollectionDef()
+    fetch.node_list.value.extend(inputs + outputs)
+    meta_graph.collection_def["train_op"].CopyFrom(fetch)
+    return tf_optimizer.OptimizeGraph(config, meta_graph)
 
 
 def load_frozen_graph(path: Path, input_names: Sequence[str], output_names: Sequence[str]):

@@ -241,8 +241,9 @@ def strip_pruning(model):
 def sparsity(model) -> dict[str, float]:
     """Fraction of zeros of every prunable weight, keyed by the weight's path.
 
-    For a model still being pruned, the masked weights are counted (what the
-    model computes with); for a stripped or plain model, the weights as stored.
+    For a model still being pruned (or a QAT model keeping a pruned model's
+    zeros), the masked weights are counted: what the model computes with. For
+    a stripped or plain model, the weights as stored.
 
     Example:
         >>> tfopt.sparsity(tfopt.strip(model))
@@ -251,8 +252,12 @@ def sparsity(model) -> dict[str, float]:
     if _compat.check_keras_model(model) == "tf_keras":
         return _tfmot.sparsity(model)
     result = {}
-    for _, layer in _tree.walk(model, stop=lambda la: _is_wrapper(la) or is_prunable(la)):
-        if _is_wrapper(layer):
+
+    def masking(layer) -> bool:  # a wrapper that computes with masked weights
+        return hasattr(layer, "masked_weights")
+
+    for _, layer in _tree.walk(model, stop=lambda la: masking(la) or is_prunable(la)):
+        if masking(layer):
             pairs = layer.masked_weights()
         elif is_prunable(layer) and layer.built:
             pairs = [(t.variable, t.variable.value) for t in prunable_weights(layer)]

@@ -99,6 +99,22 @@ class QuantizeWrapper(_ActivationQuantizer):
         for (variable, _), mask in zip(self._weights_axes, self._masks):
             mask.assign(tf.cast(tf.not_equal(variable.value, 0), mask.dtype))
 
+    def masked_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
+        """``(variable, value QAT computes with)`` for the layer's prunable weights.
+
+        Zeros recorded by :meth:`record_sparsity` count as zeros; this is what
+        :func:`tfopt.sparsity` reports for a QAT model.
+        """
+        from tfopt.pruning._registry import prunable_weights
+
+        masks = {id(v): m for (v, _), m in zip(self._weights_axes, self._masks)}
+        result = []
+        for target in prunable_weights(self.layer):
+            value = tf.convert_to_tensor(target.variable.value)
+            mask = masks.get(id(target.variable))
+            result.append((target.variable, value if mask is None else value * mask.value))
+        return result
+
     def quantized_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
         """``(variable, fake-quantized value)`` for each quantized weight."""
         result = []
