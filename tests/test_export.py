@@ -65,6 +65,8 @@ def test_saved_model_and_onnx_match_keras_within_1e4_relative(make, signature, f
                                        for e in p.values())
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["formats"] == ["saved_model", "onnx"]
+    for output in manifest["signature"]["outputs"]:
+        assert output["shape"][0] is None and output["dtype"] == "float32"
     assert manifest["versions"]["tensorflow"] == tf.__version__
     assert manifest["validation"]["inputs"] == "validation_data"
 
@@ -160,6 +162,17 @@ def test_triton_repository_parses_with_tritons_model_config(tmp_path):
     assert [(i.name, list(i.dims)) for i in config.input] == [("features", [6]), ("context", [4])]
     assert [(o.name, list(o.dims)) for o in config.output] == [("score", [1]), ("label", [3])]
     assert not (tmp_path / "model.onnx").exists()  # the ONNX was only a means
+
+
+def test_a_normalization_layers_constants_do_not_become_onnx_inputs(tmp_path):
+    inputs = keras.Input((4,), name="features")
+    x = layers.Normalization(mean=[1.0, 2.0, 3.0, 4.0], variance=[1.0, 4.0, 9.0, 16.0])(inputs)
+    model = keras.Model(inputs, layers.Dense(2, name="out")(x))
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx",), validation_data=x)
+    proto = onnx.load(str(result.paths["onnx"]))
+    assert [i.name for i in proto.graph.input] == ["features"]
+    assert result.errors["onnx"]["out"]["max_rel"] <= 1e-4
 
 
 def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):

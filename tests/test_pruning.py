@@ -370,3 +370,55 @@ def test_sparsity_logger_writes_a_scalar_per_weight(tmp_path):
     assert set(tags) == {f"sparsity/{path}" for path in tfopt.sparsity(pruned)}
     assert len(tags) == 3
     assert all(len(v) == 2 and v[-1] == pytest.approx(0.5, abs=0.01) for v in tags.values())
+
+
+# -- every prunable layer type -------------------------------------------------
+
+LAYER_CASES = {
+    "conv1d": ((8, 4), lambda: layers.Conv1D(8, 3, name="target")),
+    "conv3d": ((4, 4, 4, 4), lambda: layers.Conv3D(8, 2, name="target")),
+    "conv2d_transpose": ((4, 4, 4), lambda: layers.Conv2DTranspose(8, 3, name="target")),
+    "depthwise_conv2d": ((6, 6, 4), lambda: layers.DepthwiseConv2D(3, name="target")),
+    "separable_conv2d": ((6, 6, 4), lambda: layers.SeparableConv2D(8, 3, name="target")),
+    "einsum_dense": ((5, 8), lambda: layers.EinsumDense("abc,cd->abd", output_shape=(5, 8),
+                                                          name="target")),
+}
+
+
+@pytest.mark.parametrize("case", list(LAYER_CASES))
+def test_each_prunable_layer_type_reaches_its_sparsity(case):
+    shape, make = LAYER_CASES[case]
+    inputs = keras.Input(shape)
+    target = make()
+    outputs = layers.Dense(3, name="head")(layers.Flatten()(target(inputs)))
+    model = keras.Model(inputs, outputs)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, *shape)).astype("float32")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.75, frequency=1), layers=["target"])
+    pruned.compile(optimizer="adam", loss="mse")
+    pruned.fit(x, rng.normal(size=(32, 3)), verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
+    sparsity = tfopt.sparsity(tfopt.strip(pruned))
+    weight = {"separable_conv2d": "pointwise_kernel"}.get(case, "kernel")
+    assert sparsity[f"target/{weight}"] == pytest.approx(0.75, abs=0.02)
+    assert sparsity["head/kernel"] == 0.0  # not selected: left dense
+
+
+@pytest.mark.parametrize("case, axis", [("conv2d_transpose", -1), ("separable_conv2d", -2),
+                                        ("einsum_dense", 0)])
+def test_two_four_groups_follow_each_layer_types_input_channel_axis(case, axis):
+    shape, make = LAYER_CASES[case]
+    inputs = keras.Input(shape)
+    target = make()
+    model = keras.Model(inputs, layers.Flatten()(target(inputs)))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, *shape)).astype("float32")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), n_m=(2, 4))
+    pruned.compile(optimizer="adam", loss="mse")
+    pruned.fit(x, rng.normal(size=(16, model.output_shape[-1])), verbose=0,
+               callbacks=[tfopt.callbacks.PruningStep()])
+    plain = tfopt.strip(pruned)
+    weight = plain.get_layer("target")
+    kernel = keras.ops.convert_to_numpy(
+        weight.pointwise_kernel if case == "separable_conv2d" else weight.kernel)
+    groups = groups_along_input_channels(kernel, axis, 4)
+    assert np.all((groups == 0).sum(axis=1) == 2)

@@ -205,8 +205,8 @@ def export(model, directory: Union[str, os.PathLike], *,
         for fmt in formats:
             need(fmt)
         progress.close()
-        manifest = _manifest(model, signature, formats, chosen, precision, quantized, errors,
-                             artifact_sizes, extra, validation_data is not None)
+        manifest = _manifest(model, signature, reference, formats, chosen, precision, quantized,
+                             errors, artifact_sizes, extra, validation_data is not None)
         stage.path("manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
         stage.commit()
         if "tensorrt" in built:  # a cache, not an artifact: kept for the next build
@@ -370,8 +370,8 @@ def _has_two_four(model, sparsity_fn) -> bool:
     return bool(values) and all(abs(v - 0.5) < 0.02 for v in values)
 
 
-def _manifest(model, signature, formats, chosen, precision, quantized, errors, artifact_sizes,
-              extra, real_inputs) -> dict:
+def _manifest(model, signature, reference, formats, chosen, precision, quantized, errors,
+              artifact_sizes, extra, real_inputs) -> dict:
     from tfopt.pruning import sparsity
 
     try:
@@ -387,7 +387,11 @@ def _manifest(model, signature, formats, chosen, precision, quantized, errors, a
         "artifacts": {fmt: {"path": target, **extra.get(fmt, {})} for fmt, target in chosen.items()},
         "precision": precision,
         "quantized": quantized,
-        "signature": signature.describe(),
+        "signature": {
+            "inputs": signature.describe()["inputs"],
+            "outputs": [{"name": name, "shape": [None, *map(int, reference[name].shape[1:])],
+                         "dtype": reference[name].dtype.name} for name in signature.outputs],
+        },
         "sparsity": model_sparsity,
         "validation": {"inputs": "validation_data" if real_inputs else "random", "errors": errors},
         "sizes": artifact_sizes,

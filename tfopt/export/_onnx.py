@@ -44,34 +44,44 @@ def _require(module: str, extra: str = "onnx"):
 
 def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
             quantized: bool = False):
-    """Convert a serving ``tf.function`` to an ONNX ModelProto with named I/O."""
+    """Convert a serving ``tf.function`` to an ONNX ModelProto with named I/O.
+
+    The function is frozen first (variables and captured tensors become
+    constants) and tf2onnx converts the frozen GraphDef: handed the function
+    itself, tf2onnx turns captured constants (a Normalization layer's mean
+    and variance, say) into extra graph inputs.
+    """
     _require("tf2onnx")
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2,
+    )
 
     concrete = serve.get_concrete_function()
-    proto, _ = tf2onnx.convert.from_function(
-        serve, input_signature=list(signature.inputs), opset=opset)
+    frozen = convert_variables_to_constants_v2(concrete)
+    input_names = [t.name for t in frozen.inputs]
+    output_names = [t.name for t in frozen.outputs]
+    proto, _ = tf2onnx.convert.from_graph_def(
+        frozen.graph.as_graph_def(), input_names=input_names, output_names=output_names,
+        opset=opset)
     keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
-    tf_names = [t.name for t in concrete.outputs]
-    _rename_outputs(proto, dict(zip(tf_names, keys)), signature.outputs)
+    _rename_io(proto, dict(zip(input_names, signature.input_names)),
+               dict(zip(output_names, keys)), signature.outputs)
     if quantized:
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
 
 
-def _rename_outputs(proto, mapping: dict[str, str], order) -> None:
+def _rename_io(proto, inputs: dict[str, str], outputs: dict[str, str], order) -> None:
+    """Rename graph inputs and outputs, and order outputs like ``order``."""
     graph = proto.graph
-    rename = {}
-    for output in graph.output:
-        new = mapping.get(output.name)
-        if new is not None and new != output.name:
-            rename[output.name] = new
+    rename = {old: new for old, new in {**inputs, **outputs}.items() if old != new}
     for node in graph.node:
         node.output[:] = [rename.get(n, n) for n in node.output]
         node.input[:] = [rename.get(n, n) for n in node.input]
-    for output in graph.output:
-        output.name = rename.get(output.name, output.name)
+    for value in list(graph.input) + list(graph.output):
+        value.name = rename.get(value.name, value.name)
     ordered = sorted(graph.output, key=lambda o: list(order).index(o.name)
                      if o.name in order else len(order))
     copies = [type(o)() for o in ordered]
