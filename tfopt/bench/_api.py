@@ -148,11 +148,20 @@ def runners_for(artifact: Artifact, label: Optional[str] = None) -> list[_backen
         return _backends.onnx_runners(path, label or path.parent.name or "onnx")
     if path.suffix == ".keras":
         return _backends.keras_runners(keras.models.load_model(path), label or path.stem)
+    if path.suffix == ".plan":
+        manifest = path.parent / "manifest.json"
+        if not manifest.exists():
+            raise ConfigError(f"A TensorRT engine is benchmarked with the manifest.json that "
+                              f"tfopt.export wrote beside it (for its inputs); none at {manifest}.")
+        from tfopt.export._signature import ModelSignature
+
+        signature = ModelSignature.from_manifest(json.loads(manifest.read_text()))
+        return [_backends.tensorrt_runner(path, signature, label or "tensorrt")]
     if path.is_dir() and (path / "saved_model.pb").exists():
         return [_backends.saved_model_runner(path, label or "saved_model")]
     raise ConfigError(
-        f"Don't know how to benchmark {path}: expected a .keras file, an .onnx file or a "
-        "SavedModel folder (with saved_model.pb).")
+        f"Don't know how to benchmark {path}: expected a .keras file, an .onnx file, a "
+        "TensorRT .plan written by tfopt.export, or a SavedModel folder (with saved_model.pb).")
 
 
 def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (1, 8, 32),

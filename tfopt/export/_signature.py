@@ -43,6 +43,15 @@ class ModelSignature:
             return {name: outputs[name] for name in self.outputs}
         return dict(zip(self.outputs, keras.tree.flatten(outputs)))
 
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> "ModelSignature":
+        """The signature recorded in an export's ``manifest.json``."""
+        described = manifest["signature"]
+        inputs = tuple(tf.TensorSpec(i["shape"], i["dtype"], name=i["name"])
+                       for i in described["inputs"])
+        outputs = tuple(o["name"] if isinstance(o, dict) else o for o in described["outputs"])
+        return cls(inputs, outputs, None if len(inputs) == 1 else list(inputs))
+
     def describe(self) -> dict:
         return {
             "inputs": [{"name": s.name, "shape": _shape(s.shape), "dtype": s.dtype.name}

@@ -1,0 +1,169 @@
+"""The TensorRT engine builder, against a stand-in for the `tensorrt` module.
+
+TensorRT's libraries cannot be installed on these machines. These tests check
+what tfopt asks of TensorRT's Python API (flags per major version, the batch
+profile, sparse weights, the timing cache) and the exporter's plumbing around
+it; building and running a real engine needs a GPU machine with TensorRT.
+"""
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfopt
+from tfopt.export import _onnx, _tensorrt
+from tfopt.export._signature import ModelSignature
+
+from test_pruning import functional
+
+
+def fake_tensorrt(major: int, calls: list):
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = f"{major}.4.0"
+
+    class Logger:
+        WARNING = 2
+
+        def __init__(self, level):
+            pass
+
+    flags = {"SPARSE_WEIGHTS": "SPARSE_WEIGHTS"}
+    if major < 11:  # TensorRT 11 removed the precision flags
+        flags.update(FP16="FP16", INT8="INT8")
+    trt.BuilderFlag = types.SimpleNamespace(**flags)
+
+    class Cache:
+        def __init__(self, data):
+            self.data = data
+
+        def serialize(self):
+            return self.data + b"+tuned"
+
+    class Config:
+        def set_flag(self, flag):
+            calls.append(("flag", flag))
+
+        def add_optimization_profile(self, profile):
+            calls.append(("profile", profile.shapes))
+
+        def create_timing_cache(self, data):
+            calls.append(("cache_in", bytes(data)))
+            self.cache = Cache(bytes(data))
+            return self.cache
+
+        def set_timing_cache(self, cache, ignore_mismatch):
+            assert cache is self.cache
+
+        def get_timing_cache(self):
+            return self.cache
+
+    class Profile:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_shape(self, name, low, opt, high):
+            self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
+
+    class Builder:
+        def __init__(self, logger):
+            pass
+
+        def create_network(self, flags):
+            calls.append(("network_flags", flags))
+            return object()
+
+        def create_builder_config(self):
+            return Config()
+
+        def create_optimization_profile(self):
+            return Profile()
+
+        def build_serialized_network(self, network, config):
+            return b"ENGINE"
+
+    class OnnxParser:
+        num_errors = 0
+
+        def __init__(self, network, logger):
+            pass
+
+        def parse(self, data):
+            calls.append(("parsed_bytes", len(data)))
+            return True
+
+    trt.Logger, trt.Builder, trt.OnnxParser = Logger, Builder, OnnxParser
+    return trt
+
+
+SIGNATURE = ModelSignature((tf.TensorSpec([None, 8, 8, 1], tf.float32, name="image"),),
+                           ("out",), None)
+
+
+@pytest.mark.parametrize("major, precision, flags", [
+    (11, "int8", []), (11, "fp16", []), (10, "fp16", ["FP16"]), (10, "int8", ["FP16", "INT8"]),
+])
+def test_precision_comes_from_the_graph_on_11_and_from_flags_on_10(
+        major, precision, flags, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(major, calls))
+    (tmp_path / "m.onnx").write_bytes(b"onnx-bytes")
+    _tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", SIGNATURE,
+                           precision=precision, batch_sizes=(1, 8, 64), sparse_weights=False,
+                           timing_cache=tmp_path / "timing.cache")
+    assert [c[1] for c in calls if c[0] == "flag"] == flags
+    assert ("network_flags", 0) in calls
+    assert ("profile", {"image": ((1, 8, 8, 1), (8, 8, 8, 1), (64, 8, 8, 1))}) in calls
+    assert (tmp_path / "m.plan").read_bytes() == b"ENGINE"
+
+
+def test_sparse_weights_and_the_timing_cache_is_reused(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(11, calls))
+    (tmp_path / "m.onnx").write_bytes(b"onnx-bytes")
+    cache = tmp_path / "timing.cache"
+    for _ in range(2):
+        _tensorrt.build_engine(tmp_path / "m.onnx", tmp_path / "m.plan", SIGNATURE,
+                               precision="fp16", batch_sizes=(1, 1, 4), sparse_weights=True,
+                               timing_cache=cache)
+    assert [c for c in calls if c[0] == "cache_in"] == [("cache_in", b""),
+                                                        ("cache_in", b"+tuned")]
+    assert ("flag", "SPARSE_WEIGHTS") in calls
+
+
+def test_export_builds_the_engine_from_its_onnx_and_keeps_the_timing_cache(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(11, calls))
+
+    def run_like_onnx(engine_path, signature, arrays):  # no GPU here: run the ONNX instead
+        session = _onnx.session(engine_path.parent / "model.onnx")
+        feed = {spec.name: array for spec, array in zip(signature.inputs, arrays)}
+        return dict(zip(signature.outputs, session.run(None, feed)))
+
+    monkeypatch.setattr(_tensorrt, "run_engine", run_like_onnx)
+    model = functional()
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx", "tensorrt"), validation_data=x)
+    assert result.paths["tensorrt"].read_bytes() == b"ENGINE"
+    assert (tmp_path / "timing.cache").read_bytes() == b"+tuned"
+    assert result.manifest["artifacts"]["tensorrt"]["sparse_weights"] is False
+    assert [c[1] for c in calls if c[0] == "parsed_bytes"] == [result.sizes["onnx"]["raw"]]
+
+
+def test_bench_runs_an_exported_engine_with_the_signature_from_its_manifest(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(11, []))
+    seen = {}
+
+    def fake_run(engine_path, signature, arrays):
+        seen["names"] = [s.name for s in signature.inputs]
+        return {name: np.zeros((len(arrays[0]), 10), "float32") for name in signature.outputs}
+
+    monkeypatch.setattr(_tensorrt, "run_engine", fake_run)
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    result = tfopt.export(functional(), tmp_path, formats=("tensorrt",), validation_data=x,
+                          tolerance=1e9)
+    (runner,) = tfopt.bench.runners_for(result.paths["tensorrt"])
+    assert runner.backend == "tensorrt" and runner.run([x]).shape == (4, 10)
+    assert seen["names"] == [result.manifest["signature"]["inputs"][0]["name"]]
