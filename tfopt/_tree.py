@@ -38,6 +38,20 @@ def walk(root: keras.layers.Layer, *, stop: Callable[[keras.layers.Layer], bool]
     yield from visit(root, "")
 
 
+def find(root: keras.layers.Layer, predicate: Callable[[keras.layers.Layer], bool]
+         ) -> list[keras.layers.Layer]:
+    """Every layer below ``root`` for which ``predicate`` holds, not looking inside them."""
+    return [layer for _, layer in walk(root, stop=predicate) if predicate(layer)]
+
+
+def lookup(table: dict, layer: keras.layers.Layer):
+    """``table``'s entry for the layer's class or its nearest base class, or None."""
+    for cls in type(layer).__mro__:
+        if cls in table:
+            return table[cls]
+    return None
+
+
 def rewrite(layer: keras.layers.Layer, replace: Replace) -> keras.layers.Layer:
     """Return ``layer`` with every sublayer for which ``replace`` gives a new one swapped.
 

@@ -211,7 +211,7 @@ def _is_wrapper(layer) -> bool:
 
 def wrappers(model) -> list[PruneLowMagnitude]:
     """The pruning wrappers of a Keras 3 model, outermost first."""
-    return [layer for _, layer in _tree.walk(model, stop=_is_wrapper) if _is_wrapper(layer)]
+    return _tree.find(model, _is_wrapper)
 
 
 def is_pruned(model) -> bool:

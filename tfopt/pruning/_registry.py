@@ -17,6 +17,8 @@ from typing import Callable, Optional, Union
 import keras
 from keras import layers
 
+from tfopt._tree import lookup
+
 Axis = Optional[int]
 
 
@@ -78,7 +80,4 @@ def prunable_weights(layer: layers.Layer) -> list[PrunableWeight]:
 
 
 def _table_entry(layer: layers.Layer):
-    for cls in type(layer).__mro__:
-        if cls in _TABLE:
-            return _TABLE[cls]
-    return None
+    return lookup(_TABLE, layer)

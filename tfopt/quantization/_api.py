@@ -174,7 +174,7 @@ def _is_quant_wrapper(layer) -> bool:
 
 
 def quant_wrappers(model) -> list[_ActivationQuantizer]:
-    return [la for _, la in _tree.walk(model, stop=_is_quant_wrapper) if _is_quant_wrapper(la)]
+    return _tree.find(model, _is_quant_wrapper)
 
 
 def is_quantized(model) -> bool:

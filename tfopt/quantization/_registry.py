@@ -13,6 +13,8 @@ from typing import Callable, Optional, Union
 
 from keras import layers
 
+from tfopt._tree import lookup
+
 from tfopt.quantization._config import QuantizationConfig
 
 Axis = Optional[int]
@@ -56,16 +58,9 @@ INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
 FLOAT_BY_DESIGN: tuple[type, ...] = (layers.BatchNormalization,)
 
 
-def _lookup(layer, table):
-    for cls in type(layer).__mro__:
-        if cls in table:
-            return table[cls]
-    return None
-
-
 def weight_axes(layer) -> Optional[dict[str, Axis]]:
     """``{weight attribute: channel axis}`` for a weighted quantizable layer, else None."""
-    entry = _lookup(layer, WEIGHTED)
+    entry = lookup(WEIGHTED, layer)
     if entry is None:
         return None
     return {name: (axis(layer) if callable(axis) else axis) for name, axis in entry.items()}
@@ -73,7 +68,7 @@ def weight_axes(layer) -> Optional[dict[str, Axis]]:
 
 def kind(layer, config: QuantizationConfig) -> str:
     """``"weighted"``, ``"inputs"``, ``"float"`` (by design or weightless) or ``"unsupported"``."""
-    if _lookup(layer, WEIGHTED) is not None:
+    if lookup(WEIGHTED, layer) is not None:
         return "weighted"
     if isinstance(layer, INPUT_ONLY):
         return "inputs" if (config.quantize_residual_adds or isinstance(layer, layers.Dot)) else "float"
