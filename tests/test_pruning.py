@@ -282,8 +282,12 @@ def test_fit_without_pruning_step_says_to_add_it_then_works_with_it():
         pruned.fit(x, y, verbose=0)
     pruned.fit(x, y, verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
     # A later fit() without the callback must not silently reuse the traced step.
-    with pytest.raises(errors.PruningStepMissingError):
+    import tensorflow as tf
+
+    with pytest.raises((errors.PruningStepMissingError, tf.errors.InvalidArgumentError),
+                       match=r"callbacks=\[tfopt.callbacks.PruningStep\(\)\]"):
         pruned.fit(x, y, verbose=0)
+    pruned.fit(x, y, verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
 
 
 def test_subclassed_model_whose_call_takes_no_training_argument_is_refused():

@@ -42,7 +42,9 @@ class PruningStep(_Callback):
     The pruning step itself is counted, and masks recomputed, inside the
     compiled train step; this callback switches that on for the duration of
     ``fit()`` and checks that the model is pruned. Fitting a pruned model
-    without it raises :class:`tfopt.errors.PruningStepMissingError`.
+    without it raises :class:`tfopt.errors.PruningStepMissingError` (or, when
+    the train step was traced by an earlier ``fit()``, TensorFlow's
+    ``InvalidArgumentError`` with the same message, from the first step).
 
     For a tf_keras model it does what tfmot's ``UpdatePruningStep`` does.
 
@@ -90,10 +92,12 @@ class PruningStep(_Callback):
                 "def call(self, inputs, training=None)."
             )
         for wrapper in found:
-            wrapper.step_driven = True
-        # Trace the train step anew with pruning switched on (this also drops
-        # a train function left half-traced by an earlier failed fit()).
-        _compat.retrace_train_function(self.model)
+            wrapper.set_driven(True)
+        if any(wrapper.needs_retrace for wrapper in found):
+            # An earlier fit() failed while tracing: drop its half-traced step.
+            _compat.retrace_train_function(self.model)
+            for wrapper in found:
+                wrapper.needs_retrace = False
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._tfmot_callback is not None:
@@ -109,10 +113,7 @@ class PruningStep(_Callback):
         from tfopt.pruning._api import wrappers
 
         for wrapper in wrappers(self.model):
-            wrapper.step_driven = False
-        # The next fit() traces again, so that fitting without this callback
-        # is caught instead of silently reusing a function traced with it.
-        _compat.reset_compiled_functions(self.model)
+            wrapper.set_driven(False)
 
 
 class SparsityLogger(_Callback):

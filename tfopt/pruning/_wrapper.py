@@ -18,6 +18,14 @@ from tfopt.pruning._schedules import PruningSchedule
 _AGGREGATION = "only_first_replica"
 
 
+_MISSING_CALLBACK = (
+    "Layer {name!r} is pruned, but fit() was called without the callback that advances "
+    "pruning. Add it: model.fit(..., callbacks=[tfopt.callbacks.PruningStep()]). In a "
+    "custom training loop, call cb = tfopt.callbacks.PruningStep(); cb.set_model(model); "
+    "cb.on_train_begin() before the loop."
+)
+
+
 @keras.saving.register_keras_serializable(package="tfopt")
 class PruneLowMagnitude(keras.layers.Wrapper):
     """Masks the prunable weights of ``layer`` by magnitude as training proceeds.
@@ -48,7 +56,11 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         super().__init__(layer, **kwargs)
         self.schedule = schedule
         self.n_m = tuple(n_m) if n_m else None
-        self.step_driven = False  # set by tfopt.callbacks.PruningStep during fit()
+        # Set by tfopt.callbacks.PruningStep for the duration of fit(): the Python
+        # flag is checked when the train step is traced, the variable (in the
+        # graph) on every step of an already traced one.
+        self.step_driven = False
+        self.needs_retrace = False
         self._targets = []
         self._masks = []
 
@@ -74,7 +86,20 @@ class PruneLowMagnitude(keras.layers.Wrapper):
             trainable=False,
             aggregation=_AGGREGATION,
         )
+        self.step_driver = self.add_weight(
+            name="step_driver",
+            shape=(),
+            dtype="int32",
+            initializer="zeros",
+            trainable=False,
+            aggregation=_AGGREGATION,
+        )
         self.built = True
+
+    def set_driven(self, driven: bool) -> None:
+        """Switch pruning on or off for fit(); called by PruningStep."""
+        self.step_driven = driven
+        self.step_driver.assign(1 if driven else 0)
 
     def _new_mask(self, weight: tf.Tensor, group_axis, sparsity: tf.Tensor) -> tf.Tensor:
         if self.n_m is None:
@@ -84,13 +109,12 @@ class PruneLowMagnitude(keras.layers.Wrapper):
     def _advance(self) -> list[tf.Tensor]:
         """Recompute masks if the schedule says so, advance the step; return masks."""
         if not self.step_driven:
-            raise PruningStepMissingError(
-                f"Layer {self.name!r} is pruned, but fit() was called without the "
-                "callback that advances pruning. Add it: model.fit(..., callbacks="
-                "[tfopt.callbacks.PruningStep()]). In a custom training loop, call "
-                "cb = tfopt.callbacks.PruningStep(); cb.set_model(model); "
-                "cb.on_train_begin() before the loop."
-            )
+            self.needs_retrace = True  # this trace fails: the next fit() traces anew
+            raise PruningStepMissingError(_MISSING_CALLBACK.format(name=self.name))
+        # A train step traced during an earlier fit() runs without tracing again:
+        # check in the graph that the callback is still there.
+        tf.debugging.assert_equal(self.step_driver.value, 1,
+                                  message=_MISSING_CALLBACK.format(name=self.name))
         step = self.pruning_step.value
         # Under a distribution strategy, mirrored variables cannot be assigned
         # inside control flow in a replica context: compute the masks in the
