@@ -1,6 +1,6 @@
 """Time per training step: plain fit vs tfopt-pruned fit vs tfmot-pruned fit.
 
-The same CNN (tfopt._examples.digits_cnn) and data (scikit-learn digits,
+The same CNN (tfopt.examples.digits_cnn) and data (scikit-learn digits,
 upsampled to --size pixels so the step does real work) are trained three
 ways in one process, interleaved round by round so machine noise hits all
 three alike:
@@ -34,7 +34,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras  # noqa: E402
 
 import tfopt  # noqa: E402
-from tfopt._examples import digits_cnn  # noqa: E402
+from tfopt.examples import digits_cnn  # noqa: E402
 
 
 class StepTimer:

@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import tfopt  # noqa: E402
-from tfopt._examples import compile_classifier, digits_cnn  # noqa: E402
+from tfopt.examples import compile_classifier, digits_cnn  # noqa: E402
 
 # Numerics are compared tightly: no TF32 on GPUs that have it.
 tf.config.experimental.enable_tensor_float_32_execution(False)

@@ -8,7 +8,7 @@ import keras
 import pytest
 
 import tfopt
-from tfopt._examples import compile_classifier, digits_cnn
+from tfopt.examples import compile_classifier, digits_cnn
 
 
 @dataclasses.dataclass
@@ -74,7 +74,7 @@ def test_digits_qat_int8_within_one_point_and_onnx_matches_keras(trained_digits,
     import numpy as np
 
     import tfopt
-    from tfopt._examples import compile_classifier
+    from tfopt.examples import compile_classifier
     from tfopt.export import _onnx
 
     (x, y), (x_test, y_test) = digits

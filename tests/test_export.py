@@ -187,7 +187,7 @@ def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):
 
 
 def test_pruned_then_quantized_digits_cnn_exports(tmp_path):
-    from tfopt._examples import digits_cnn
+    from tfopt.examples import digits_cnn
 
     x, y = small_data(64)
     pruned = tfopt.prune(digits_cnn(), tfopt.ConstantSparsity(0.5, frequency=1))

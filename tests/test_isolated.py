@@ -24,7 +24,7 @@ def test_pruning_under_mirrored_strategy_with_two_logical_cpus():
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
         import keras, numpy as np, tfopt
-        from tfopt._examples import digits_cnn, compile_classifier
+        from tfopt.examples import digits_cnn, compile_classifier
 
         strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
         assert strategy.num_replicas_in_sync == 2
@@ -54,7 +54,7 @@ def test_tf_keras_models_go_through_tfmot_without_changing_tf_keras_for_the_call
         import keras
         import tf_keras
         import tfopt
-        from tfopt._examples import digits_cnn
+        from tfopt.examples import digits_cnn
 
         assert "TF_USE_LEGACY_KERAS" not in os.environ
         model = digits_cnn(tf_keras)

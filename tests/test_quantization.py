@@ -197,7 +197,7 @@ def test_export_refuses_fp16_for_a_qat_model_and_int8_for_a_float_one(tmp_path):
 def test_tf_keras_models_are_quantized_by_tfmot():
     import tf_keras
 
-    from tfopt._examples import digits_cnn
+    from tfopt.examples import digits_cnn
 
     qat = tfopt.quantize(digits_cnn(tf_keras))
     assert type(qat).__module__.startswith("tf_keras")

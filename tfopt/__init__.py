@@ -11,7 +11,7 @@ Example:
     >>> tfopt.sparsity(plain)
 """
 
-from tfopt import bench, callbacks, datasets, errors
+from tfopt import bench, callbacks, datasets, errors, examples
 from tfopt.export import ExportResult, export
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
@@ -29,6 +29,7 @@ __all__ = [
     "callbacks",
     "datasets",
     "errors",
+    "examples",
     "export",
     "prune",
     "quantize",

@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 def load_model(spec: dict) -> keras.Model:
     source, args = spec["source"], spec.get("args") or {}
     if source == "digits_cnn":
-        from tfopt._examples import digits_cnn
+        from tfopt.examples import digits_cnn
 
         return digits_cnn(**args)
     if source.startswith("keras.applications."):

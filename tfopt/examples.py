@@ -1,4 +1,4 @@
-"""The small models that the demo, tests and benchmarks share."""
+"""Small example models, shared by the README, the demo, notebooks, tests and benchmarks."""
 
 from __future__ import annotations
 
