@@ -52,9 +52,9 @@ WEIGHTED: dict[type, dict[str, Union[Axis, Callable]]] = {
 INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
 
 # BatchNormalization after a convolution is left in float: with per-channel
-# weight scales, folding it into the convolution (which TensorRT and ONNX
-# Runtime do when they build the engine) is exact, so folding it during QAT
-# would buy nothing and cost a second convolution per step.
+# weight scales, folding it into the convolution (which TensorRT does when it
+# builds the engine) is exact, so folding it during QAT would buy nothing and
+# cost a second convolution per step.
 FLOAT_BY_DESIGN: tuple[type, ...] = (layers.BatchNormalization,)
 
 
