@@ -8,7 +8,6 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import keras
 import numpy as np
@@ -225,8 +224,3 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
     for precision, result in exports.items():
         shutil.copy2(result.directory / "manifest.json", output / f"manifest_{precision}.json")
     metrics["headline"] = headline
-
-
-def headline_of(output: Path) -> Optional[str]:
-    report = Path(output) / "report.md"
-    return report.read_text().splitlines()[0].strip("*") if report.exists() else None

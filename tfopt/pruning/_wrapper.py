@@ -68,33 +68,17 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         super().build(input_shape)
         self._targets = prunable_weights(self.layer)
         self._masks = [
-            self.add_weight(
-                name=f"{t.variable.name}_mask",
-                shape=t.variable.shape,
-                dtype=t.variable.dtype,
-                initializer="ones",
-                trainable=False,
-                aggregation=_AGGREGATION,
-            )
+            self._add_state(f"{t.variable.name}_mask", t.variable.shape, t.variable.dtype, "ones")
             for t in self._targets
         ]
-        self.pruning_step = self.add_weight(
-            name="pruning_step",
-            shape=(),
-            dtype="int64",
-            initializer="zeros",
-            trainable=False,
-            aggregation=_AGGREGATION,
-        )
-        self.step_driver = self.add_weight(
-            name="step_driver",
-            shape=(),
-            dtype="int32",
-            initializer="zeros",
-            trainable=False,
-            aggregation=_AGGREGATION,
-        )
+        self.pruning_step = self._add_state("pruning_step", (), "int64", "zeros")
+        self.step_driver = self._add_state("step_driver", (), "int32", "zeros")
         self.built = True
+
+    def _add_state(self, name, shape, dtype, initializer) -> keras.Variable:
+        """A non-trainable variable that every replica keeps identical."""
+        return self.add_weight(name=name, shape=shape, dtype=dtype, initializer=initializer,
+                               trainable=False, aggregation=_AGGREGATION)
 
     def set_driven(self, driven: bool) -> None:
         """Switch pruning on or off for fit(); called by PruningStep."""
