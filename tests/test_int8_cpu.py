@@ -83,6 +83,18 @@ def concat():
     return keras.Model(inputs, head(x))
 
 
+def padded_strided_swish():
+    """EfficientNet's pattern: swish, ZeroPadding2D, a stride-2 depthwise convolution."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "expand", kernel=1, activation="swish")
+    x = layers.ZeroPadding2D(((0, 1), (0, 1)))(x)
+    x = layers.DepthwiseConv2D(3, strides=2, use_bias=False, name="dw")(x)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.Activation("swish")(x)
+    x = conv_bn(x, 8, "project", kernel=1)
+    return keras.Model(inputs, head(x))
+
+
 def dense_mlp():
     inputs = keras.Input((16,), name="features")
     x = layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -96,6 +108,8 @@ RULES = {
     "clipped relu absorbed, depthwise": (relu6, {"Clip", "BatchNormalization"}, {"QLinearConv"}),
     "residual add": (residual, {"Add", "Relu"}, {"QLinearAdd", "QLinearConv"}),
     "concatenate": (concat, {"Concat"}, {"QLinearConcat", "QLinearConv"}),
+    "padding folded, swish": (padded_strided_swish, {"Pad", "Sigmoid", "Mul"},
+                              {"QLinearSigmoid", "QLinearMul", "QLinearConv"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
 }
 
@@ -126,6 +140,7 @@ def test_each_onnx_runtime_fusion_rule_on_a_tiny_graph(rule, tmp_path):
     result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
     kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
     assert kernels["integer"] == kernels["total"] > 0, kernels
+    assert kernels["float_weights"] == []  # every weight int8 in the file (OpenVINO needs that)
     ops = optimized_ops(result.paths["onnx"])
     assert not gone & set(ops), ops
     assert present <= set(ops), ops

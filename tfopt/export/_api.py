@@ -344,14 +344,14 @@ def _build_onnx(model, signature, serve, path, need, *, precision, opset, quanti
 def _kernel_report(path: Path, placement: str) -> dict:
     """Which compute ops ONNX Runtime's CPU provider runs as integer kernels; warn about the rest."""
     report = _ort_quant.kernel_report(path)
-    left = report["float"]
+    left = report["float"] + report["float_weights"]
     if left and placement == "onnxruntime":
         warnings.warn(
             f"{len(left)} of {report['total']} convolutions/matrix products run in float on "
             f"ONNX Runtime's CPU provider: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}. "
             "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.",
             stacklevel=4)
-    return {"integer": report["integer"], "total": report["total"], "ops": report["ops"]}
+    return {key: report[key] for key in ("integer", "total", "ops", "float_weights")}
 
 
 def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_sizes,

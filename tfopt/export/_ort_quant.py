@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 # Layout ops a Q/DQ pair may straddle (tf2onnx moves Transpose/Squeeze between them).
 _LAYOUT = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+# Ops that move or select values without changing them: ONNX Runtime (and OpenVINO)
+# run them on int8 data when their input and output share one scale and zero point.
+_VALUE_PRESERVING = _LAYOUT | {"Pad", "MaxPool"}
 
 # Ops ONNX Runtime's quantizer may turn into integer kernels here. LayerNormalization,
 # Softmax, Gather (embeddings) and the like stay in float, as in the QAT model.
@@ -107,6 +110,7 @@ def dequantize(proto) -> QatGraph:
     proto = onnx.ModelProto.FromString(proto.SerializeToString())  # leave the caller's alone
     graph = proto.graph
     _fold_constant_layout(graph)
+    _dequantize_gathered_tables(graph)
     initializers = {i.name: i for i in graph.initializer}
 
     def array(name):
@@ -145,6 +149,10 @@ def dequantize(proto) -> QatGraph:
             value = (np.clip(np.rint(weight / scale) + zero, info.min, info.max) - zero) * scale
             removed.add(id(quantize))
         else:  # an activation: its Q is handled below
+            # The int8 tensor may come out of ops tf2onnx moved between Q and DQ (a
+            # Concat of quantized inputs): it carries this DQ's range too.
+            step = float(np.max(array(node.input[1])))
+            ranges[source] = max(ranges.get(source, 0.0), 127.0 * step)
             rename[node.output[0]] = source
             removed.add(id(node))
             continue
@@ -168,6 +176,13 @@ def dequantize(proto) -> QatGraph:
         node.input[:] = [resolve(i) for i in node.input]
         if node.op_type in _LAYOUT and node.input[0] in ranges:
             ranges[node.output[0]] = ranges[node.input[0]]
+    # A range trained after a value-preserving op (ZeroPadding2D before a strided
+    # convolution) holds for its input too; folding may fuse the op away (a Pad
+    # into the Conv's pads), and the range must survive it.
+    for node in reversed(kept):  # graph order is topological: walk it backwards
+        if node.op_type in _VALUE_PRESERVING and node.output[0] in ranges \
+                and node.input[0] not in ranges and node.input[0] not in initializers:
+            ranges[node.input[0]] = ranges[node.output[0]]
     del graph.node[:]
     graph.node.extend(kept)
     graph.initializer.extend(weights)
@@ -201,14 +216,52 @@ def _fold_constant_layout(graph) -> None:
     graph.node.extend(kept)
 
 
+def _dequantize_gathered_tables(graph) -> None:
+    """Float tables for int8 tables read by a Gather ahead of their DQ.
+
+    tf2onnx moves a Q on an embedding lookup's output into the table itself
+    (``Gather(Q(table))``) and folds it, leaving an int8 table whose DQ comes
+    after the Gather. The float graph gets the table the QAT model computed
+    with: the int8 values times that DQ's (per-tensor) scale.
+    """
+    from onnx import numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    for node in graph.node:
+        if node.op_type != "Gather" or node.input[0] not in initializers:
+            continue
+        table = numpy_helper.to_array(initializers[node.input[0]])
+        after = consumers.get(node.output[0], [])
+        if table.dtype not in (np.int8, np.uint8) or len(after) != 1 \
+                or after[0].op_type != "DequantizeLinear":
+            continue
+        dq = after[0]
+        scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32)
+        zero = numpy_helper.to_array(initializers[dq.input[2]]).astype(np.float32) \
+            if len(dq.input) > 2 else np.float32(0)
+        if scale.size != 1:
+            continue
+        values = (table.astype(np.float32) - zero) * scale
+        initializers[node.input[0]].CopyFrom(numpy_helper.from_array(values, node.input[0]))
+
+
 def _overrides(proto, ranges: dict[str, float]) -> dict:
-    """``TensorQuantOverrides`` that put each QAT-quantized tensor on QAT's own grid."""
+    """``TensorQuantOverrides`` that put each QAT-quantized tensor on QAT's own grid.
+
+    A value-preserving op (padding, max pooling, a reshape) gets its input's
+    grid on its output too, so it runs on integers instead of between a DQ
+    and a Q.
+    """
     from onnx import numpy_helper
     from onnxruntime.quantization import QuantType
 
     initializers = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
-    overrides = {}
+    params = {}
     for tensor, amax in ranges.items():
         step = amax / 127.0
         producer = producers.get(tensor)
@@ -220,10 +273,15 @@ def _overrides(proto, ranges: dict[str, float]) -> dict:
                 clip = float(initializers.get(producer.input[2], np.inf))
                 if 255 * step > clip:  # the Q must not reach past the clip, or it stays
                     step = clip / 255.0
-        overrides[tensor] = [{"quant_type": QuantType.QUInt8,
-                              "scale": np.array(step, dtype=np.float32),
-                              "zero_point": np.array(zero, dtype=np.uint8)}]
-    return overrides
+        params[tensor] = (step, zero)
+    for node in proto.graph.node:  # each value-preserving op's output on its input's grid
+        if node.op_type in _VALUE_PRESERVING and node.input[0] in params \
+                and node.output[0] in params:
+            params[node.output[0]] = params[node.input[0]]
+    return {tensor: [{"quant_type": QuantType.QUInt8,
+                      "scale": np.array(step, dtype=np.float32),
+                      "zero_point": np.array(zero, dtype=np.uint8)}]
+            for tensor, (step, zero) in params.items()}
 
 
 def _float_compute_nodes(proto, ranges: dict[str, float]) -> list[str]:
@@ -386,13 +444,25 @@ def kernel_report(path) -> dict:
     at the extended level, where the QDQ fusions run) and counts the
     convolutions and matrix products that became integer kernels.
 
+    Also lists the compute ops whose weights the file stores in float next
+    to quantized inputs: ONNX Runtime quantizes those weights itself when it
+    loads the file, OpenVINO runs them in float.
+
     Returns:
         ``{"integer": n, "total": m, "float": [names of compute ops left in
-        float], "ops": {integer op type: count}}``.
+        float], "float_weights": [names], "ops": {integer op type: count}}``.
     """
     _require_quantization()
     import onnx
     import onnxruntime as ort
+
+    stored = onnx.load(str(path), load_external_data=False)
+    weights = {i.name for i in stored.graph.initializer}
+    producers = {o: n for n in stored.graph.node for o in n.output}
+    float_weights = [
+        n.name for n in stored.graph.node
+        if n.op_type in COMPUTE_OPS and len(n.input) > 1 and n.input[1] in weights
+        and getattr(producers.get(n.input[0]), "op_type", None) == "DequantizeLinear"]
 
     with tempfile.TemporaryDirectory(prefix="tfopt-ortopt-") as tmp:
         options = ort.SessionOptions()
@@ -405,4 +475,5 @@ def kernel_report(path) -> dict:
                                   if n.op_type in INTEGER_OPS)
     left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in COMPUTE_OPS]
     count = sum(integer.values())
-    return {"integer": count, "total": count + len(left), "float": left, "ops": dict(integer)}
+    return {"integer": count, "total": count + len(left), "float": left,
+            "float_weights": float_weights, "ops": dict(integer)}
