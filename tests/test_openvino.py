@@ -56,8 +56,12 @@ def test_qat_model_keeps_int8_as_fake_quantize(tmp_path):
     result = tfopt.export(qat, tmp_path, formats=("onnx", "openvino"), validation_data=x)
     info = result.manifest["artifacts"]["openvino"]
     qdq = result.manifest["artifacts"]["onnx"]["qdq"]
-    # one FakeQuantize per Q/DQ pair: activations and weights
-    assert info["fake_quantize"] == qdq["DequantizeLinear"] > 0
+    # activation Q/DQ pairs become FakeQuantize; int8 weights stay int8 constants
+    assert info["fake_quantize"] == qdq["QuantizeLinear"] > 0
+    assert qdq["weight_dequantize"] > 0
+    float_bin = tfopt.export(functional(), tmp_path / "float", formats=("openvino",),
+                             validation_data=x).paths["openvino"] / "model.bin"
+    assert (result.paths["openvino"] / "model.bin").stat().st_size < 0.4 * float_bin.stat().st_size
     for runner in _openvino.openvino_runners(result.paths["openvino"]):
         assert runner.precision == "int8" and runner.name.startswith("openvino int8 / OpenVINO CPU")
 

@@ -44,6 +44,24 @@ def _device_bytes() -> int | None:
     return None
 
 
+def _peak_rss() -> int:
+    """This process's resident-memory high-water mark, in bytes.
+
+    On Linux from ``VmHWM`` (of this process's own address space):
+    ``getrusage``'s ``ru_maxrss`` carries over the parent's high-water mark
+    through fork and exec, so a probe started by a process holding
+    TensorFlow would report TensorFlow's memory as its own.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB elsewhere
+
+
 def main(spec: dict) -> dict:
     _register_package()
     import numpy as np
@@ -55,8 +73,7 @@ def main(spec: dict) -> dict:
     feed = [rng.uniform(size=shape).astype(dtype) for shape, dtype in spec["inputs"]]
     for _ in range(int(spec.get("calls", 10))):
         runner.run(feed)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak *= 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    peak = _peak_rss()
     cuda = spec["runner"].get("provider", "").startswith("CUDA") or \
         spec["runner"]["loader"] == "tensorrt"
     return {"peak_rss_bytes": int(peak), "device_bytes": _device_bytes() if cuda else None,

@@ -71,16 +71,22 @@ def write_saved_model(model: keras.Model, signature: ModelSignature, path: Path,
             return tf.nest.pack_sequence_as(structure, frozen(*tensors))
 
         function = tf.function(serve_frozen, input_signature=list(signature.inputs))
-        module = tf.Module()
-        module.serve = function
-        tf.saved_model.save(module, str(path), signatures={"serving_default": function})
+        root = _root([])
+        root.serve = function
+        tf.saved_model.save(root, str(path), signatures={"serving_default": function})
     else:
-        module = tf.Module()
-        module.serving_variables = list(concrete.variables)  # each captured variable, once
-        module.serve = serve
-        tf.saved_model.save(module, str(path), signatures={"serving_default": concrete})
+        root = _root(concrete.variables)  # each variable the serving graph reads, once
+        root.serve = serve
+        tf.saved_model.save(root, str(path), signatures={"serving_default": concrete})
     if warmup is not None:
         write_warmup_requests(path / WARMUP_FILE, signature, warmup)
+
+
+def _root(variables):
+    """The SavedModel's root object; ``loaded.variables`` lists its variables, as Keras' does."""
+    root = tf.train.Checkpoint()
+    root.variables = list(variables)
+    return root
 
 
 def _fold_constants(frozen):
