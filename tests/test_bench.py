@@ -49,7 +49,7 @@ def test_run_times_every_backend_and_reports_accuracy_size_and_headline(tmp_path
     assert report.plot(tmp_path / "p.png").stat().st_size > 0
 
 
-def test_headline_says_how_much_is_the_engine_and_how_much_the_optimization():
+def test_headline_shows_the_float_model_on_the_winners_engine():
     from tfopt.bench import BenchReport, BenchRow
 
     def row(name, backend, ms):
@@ -62,8 +62,8 @@ def test_headline_says_how_much_is_the_engine_and_how_much_the_optimization():
                           row("optimized onnx int8 / ORT CPU", "ort_cpu", 2.0)], {})
     assert report.headline(candidate_prefix="optimized") == (
         "optimized onnx int8 / ORT CPU is 5.0x faster than baseline saved_model / TensorFlow "
-        "at batch 1 (2 vs 10 ms), 2.5x of it from the engine (baseline onnx fp32 / ORT CPU: "
-        "4 ms), 1.0x smaller than baseline saved_model (0.000954 vs 0.000954 MB).")
+        "at batch 1 (2 vs 10 ms), 2.5x for the float model on that engine (baseline onnx fp32 / "
+        "ORT CPU: 4 ms), 1.0x smaller than baseline saved_model (0.000954 vs 0.000954 MB).")
     without_savedmodel = BenchReport([r for r in report.rows if r.backend != "saved_model"], {})
     with pytest.raises(ConfigError, match="what TF Serving runs"):
         without_savedmodel.headline()

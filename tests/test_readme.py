@@ -40,7 +40,7 @@ NUMBER = r"[0-9][0-9.e+-]*"
 HEADLINE = re.compile(
     rf"optimized (?P<winner>[^/]+) / (?P<engine>.+?) is {NUMBER}x faster than "
     rf"baseline saved_model / TensorFlow at batch 1 \({NUMBER} vs {NUMBER} ms\), "
-    rf"{NUMBER}x of it from the engine \(baseline [^:]+ / (?P=engine): {NUMBER} ms\), "
+    rf"{NUMBER}x for the float model on that engine \(baseline [^:]+ / (?P=engine): {NUMBER} ms\), "
     rf"{NUMBER}x smaller than baseline saved_model \({NUMBER} vs {NUMBER} MB\), "
     rf"at [+-]{NUMBER} accuracy points \({NUMBER}% vs {NUMBER}%\)\.")
 

@@ -138,8 +138,8 @@ class BenchReport:
                        and r is not base and not r.name.startswith(candidate_prefix)]
         if candidate_prefix and same_engine:
             engine_float = same_engine[0]
-            parts.append(f"{base.p50_ms / engine_float.p50_ms:.1f}x of it from the engine "
-                         f"({engine_float.name}: {engine_float.p50_ms:.3g} ms)")
+            parts.append(f"{base.p50_ms / engine_float.p50_ms:.1f}x for the float model on that "
+                         f"engine ({engine_float.name}: {engine_float.p50_ms:.3g} ms)")
         reference = next((r for r in at if r.name == size_reference), base)
         if reference.size_bytes and best.size_bytes:
             parts.append(f"{reference.size_bytes / best.size_bytes:.1f}x smaller than "
