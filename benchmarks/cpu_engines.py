@@ -96,6 +96,12 @@ def interleaved(chosen: dict, feed, rounds: int, calls: int, warmup: int = 2) ->
     return {k: {"median_ms": 1e3 * statistics.median(v), "runs": len(v)} for k, v in samples.items()}
 
 
+def _ms(value) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
 def table(results: dict) -> str:
     engines = [e for e in ENGINES if any(e in cell["engines"] for cell in results["cells"])]
     lines = ["| model, batch | " + " | ".join(engines) + " |",
@@ -103,7 +109,7 @@ def table(results: dict) -> str:
     for cell in results["cells"]:
         values = [cell["engines"].get(e, {}).get("median_ms") for e in engines]
         lines.append(f"| {cell['model']}, {cell['batch']} | "
-                     + " | ".join("" if v is None else f"{v:.3g}" for v in values) + " |")
+                     + " | ".join(_ms(v) for v in values) + " |")
     lines.append("")
     lines.append("| model, batch | best artifact | vs TF SavedModel | OpenVINO INT8 vs ORT FP32 |")
     lines.append("| --- | --- | ---: | ---: |")
@@ -124,7 +130,14 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "cpu_engines.json")
     parser.add_argument("--work", type=Path, default=None, help="where exports go (default: a temp dir)")
+    parser.add_argument("--print", dest="print_only", action="store_true",
+                        help="only print the table of the results already in --json")
     args = parser.parse_args(argv)
+    if args.print_only:
+        results = json.loads(args.json.read_text())
+        print(_header(results))
+        print(table(results))
+        return
 
     import numpy as np
     import onnxruntime
@@ -175,9 +188,16 @@ def main(argv=None) -> None:
     order = list(FACTORIES)
     results["cells"].sort(key=lambda c: (order.index(c["model"]), c["batch"]))
     args.json.write_text(json.dumps(results, indent=2, default=str))
-    print(f"CPU: {features.get('device')}, {os.cpu_count()} cores, ISA: "
-          f"{', '.join(features['isa'])}; median ms, {args.rounds} interleaved rounds")
+    print(_header(results))
     print(table(results))
+
+
+def _header(results: dict) -> str:
+    env = results["environment"]
+    return (f"CPU: {env.get('cpu')}, {env.get('cpus')} cores, ISA: {', '.join(env['isa'])}; "
+            f"TensorFlow {env.get('tensorflow')}, onnxruntime {env.get('onnxruntime')}, "
+            f"OpenVINO {str(env.get('openvino')).split('-')[0]}; median ms, "
+            f"{results['rounds']} interleaved rounds")
 
 
 if __name__ == "__main__":
