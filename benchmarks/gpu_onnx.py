@@ -9,7 +9,7 @@ Two steps, because the GPU machine has onnxruntime but no TensorFlow:
 2. ``run`` (on the GPU machine): fill every external weight with random
    values of its shape and dtype (He-scaled normal for floats, uniform int8
    for Q/DQ weights; dense GPU kernels take as long whatever the values), and
-   time each model with tfopt.bench's ONNX Runtime CUDA runner (I/O bound to
+   time each model with tfopt.artifacts' ONNX Runtime CUDA runner (I/O bound to
    the GPU) at batch 1, 8 and 64 under each of ``CONFIGS``: ONNX Runtime's
    default CUDA options, ``prefer_nhwc``, NHWC with TF32 off (IEEE FP32), and
    NHWC with CUDA graphs. Prints a table and writes JSON to ``--json``.
@@ -95,15 +95,16 @@ def _fill_weights(graph: Path, target: Path, seed: int = 0) -> None:
 
 
 def _import_tfopt_bench():
-    """tfopt.bench's timing and ONNX Runtime modules, without tfopt's TensorFlow imports."""
-    for package, path in (("tfopt", ROOT / "tfopt"), ("tfopt.bench", ROOT / "tfopt" / "bench")):
+    """tfopt's timing and ONNX Runtime runner modules, without tfopt's TensorFlow imports."""
+    for package, path in (("tfopt", ROOT / "tfopt"), ("tfopt.bench", ROOT / "tfopt" / "bench"),
+                          ("tfopt.artifacts", ROOT / "tfopt" / "artifacts")):
         module = types.ModuleType(package)
         module.__path__ = [str(path)]
         sys.modules.setdefault(package, module)
     modules = {}
-    for name in ("_timing", "_ort"):
-        spec = importlib.util.spec_from_file_location(f"tfopt.bench.{name}",
-                                                      ROOT / "tfopt" / "bench" / f"{name}.py")
+    for package, name in (("bench", "_timing"), ("artifacts", "_runner"), ("artifacts", "_ort")):
+        spec = importlib.util.spec_from_file_location(f"tfopt.{package}.{name}",
+                                                      ROOT / "tfopt" / package / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)

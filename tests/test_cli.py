@@ -100,8 +100,9 @@ def test_run_digits_recipe_writes_a_report_that_answers_first(tmp_path):
     assert f"Report: {tmp_path / 'report.md'}" in result.stdout
     report = (tmp_path / "report.md").read_text()
     first = report.splitlines()[0]
-    assert "faster than baseline keras predict" in first and "smaller" in first \
-        and "accuracy points" in first
+    assert "faster than baseline saved_model / TensorFlow at batch 1" in first \
+        and "smaller" in first and "accuracy points" in first
+    assert "| baseline keras tf.function jit |" in report and "peak memory MB" in report
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["baseline_accuracy"] - metrics["final_accuracy"] <= 0.02
     assert all(abs(v - 0.8) < 0.01 for v in metrics["sparsity"].values())
@@ -127,8 +128,13 @@ def test_export_bench_and_inspect_commands(tmp_path):
                        "--repeats", "3", "--json", tmp_path / "b.json", "--plot", tmp_path / "b.png")
     assert result.returncode == 0, result.stderr[-2000:]
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
+    from tfopt.artifacts._openvino import available
+
+    # OpenVINO reads the ONNX too, whenever it is installed
+    backends = ("ort_cpu", "saved_model") + (("openvino_cpu",) if available() else ())
     assert {(r["backend"], r["batch_size"]) for r in rows} == {
-        ("ort_cpu", 1), ("ort_cpu", 4), ("saved_model", 1), ("saved_model", 4)}
+        (b, n) for b in backends for n in (1, 4)}
+    assert all(r["peak_rss_bytes"] for r in rows)
     assert all(r["p50_ms"] > 0 and r["accuracy"] is not None for r in rows)
     assert (tmp_path / "b.png").exists()
 

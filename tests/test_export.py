@@ -282,3 +282,29 @@ def test_bad_input_gets_clear_errors(tmp_path):
     with pytest.raises(errors.ConfigError, match="strip"):
         tfopt.export(tfopt.prune(functional(), tfopt.ConstantSparsity(0.5)), tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def _checkpoint_bytes(saved_model):
+    return sum(p.stat().st_size for p in (saved_model / "variables").glob("variables.data*"))
+
+
+def test_served_saved_models_hold_each_weight_once_and_no_training_state(tmp_path):
+    x, _ = small_data(16)
+    model = functional()
+    weights = sum(w.nbytes for w in model.get_weights())
+    served = tfopt.export(model, tmp_path / "float", formats=("saved_model",), validation_data=x)
+    path = served.paths["saved_model"]
+    assert weights <= _checkpoint_bytes(path) < weights + 4096
+    model.export(str(tmp_path / "keras_export"), verbose=False)  # Keras' own: every variable twice
+    assert _checkpoint_bytes(tmp_path / "keras_export") > 1.9 * weights
+    loaded = tf.saved_model.load(str(path))
+    assert len(loaded.variables) == len(model.get_weights())
+
+    qat = tfopt.quantize(model, "int8", calibration_data=x)
+    qat_served = tfopt.export(qat, tmp_path / "qat", formats=("saved_model",), validation_data=x)
+    qat_path = qat_served.paths["saved_model"]
+    loaded = tf.saved_model.load(str(qat_path))
+    assert not [v.name for v in loaded.variables]  # no masks, ranges or step counters to train
+    # each (masked) weight once, as float32 constants, beside the serving graph
+    assert qat_served.sizes["saved_model"]["raw"] < 1.3 * served.sizes["saved_model"]["raw"]
+    assert qat_served.errors["saved_model"]["out"]["max_abs"] == 0.0

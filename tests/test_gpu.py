@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import tfopt
-from tfopt.bench import _ort
+from tfopt.artifacts import _ort
 
 from test_pruning import functional
 
@@ -22,5 +22,5 @@ def test_onnx_runs_on_cuda_and_matches_the_cpu(precision, tmp_path):
                           validation_data=x)
     cpu, cuda = _ort.onnx_runners(result.paths["onnx"],
                                   providers=["CPUExecutionProvider", "CUDAExecutionProvider"])
-    on_gpu = cuda.run([x]).numpy()
-    np.testing.assert_allclose(on_gpu, cpu.run([x]), rtol=2e-2, atol=2e-3)
+    on_gpu = cuda.first([x])
+    np.testing.assert_allclose(on_gpu, cpu.first([x]), rtol=2e-2, atol=2e-3)

@@ -6,6 +6,7 @@ profile, sparse weights, the timing cache) and the exporter's plumbing around
 it; building and running a real engine needs a GPU machine with TensorRT.
 """
 
+import json
 import sys
 import types
 
@@ -152,18 +153,119 @@ def test_export_builds_the_engine_from_its_onnx_and_keeps_the_timing_cache(tmp_p
     assert [c[1] for c in calls if c[0] == "parsed_bytes"] == [result.sizes["onnx"]["raw"]]
 
 
+def fake_runtime(trt, calls: list, output_width: int = 10):
+    """Runtime -> engine -> context, counting every call the runner makes."""
+
+    class Context:
+        def __init__(self):
+            self.shapes = {}
+
+        def set_input_shape(self, name, shape):
+            calls.append(("set_input_shape", name, tuple(shape)))
+            self.shapes[name] = tuple(shape)
+
+        def get_tensor_shape(self, name):
+            batch = next(iter(self.shapes.values()))[0]
+            return (batch, output_width)
+
+        def set_tensor_address(self, name, address):
+            calls.append(("set_tensor_address", name))
+
+        def execute_async_v3(self, stream):
+            calls.append(("execute", stream))
+            return True
+
+    class Engine:
+        def create_execution_context(self):
+            calls.append(("create_execution_context",))
+            return Context()
+
+    class Runtime:
+        def __init__(self, logger):
+            pass
+
+        def deserialize_cuda_engine(self, data):
+            calls.append(("deserialize", bytes(data)))
+            return Engine()
+
+    trt.Runtime = Runtime
+    return trt
+
+
+class FakeDevice:
+    """Host arrays standing in for CUDA buffers; counts allocations and copies."""
+
+    stream_handle = 7
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def empty(self, shape, dtype=np.float32):
+        self.calls.append(("allocate", tuple(shape)))
+        return np.zeros(shape, dtype)
+
+    def address(self, buffer):
+        return id(buffer)
+
+    def copy_in(self, buffer, array):
+        self.calls.append(("copy_in", array.shape))
+        buffer[...] = array
+
+    def to_host(self, buffer):
+        self.calls.append(("to_host",))
+        return buffer.copy()
+
+    def synchronize(self):
+        self.calls.append(("synchronize",))
+
+
+def test_tensorrt_runner_loads_once_allocates_once_and_times_only_execution(tmp_path, monkeypatch):
+    from tfopt.artifacts import _tensorrt as trt_runner
+
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime(fake_tensorrt(11, []), calls))
+    monkeypatch.setattr(trt_runner, "TorchCuda", lambda: FakeDevice(calls))
+    (tmp_path / "model.plan").write_bytes(b"ENGINE")
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "precision": "int8", "artifacts": {"tensorrt": {"path": "model.plan"}},
+        "signature": {"inputs": [{"name": "image", "shape": [None, 8, 8, 1], "dtype": "float32"}],
+                      "outputs": [{"name": "out", "shape": [None, 10], "dtype": "float32"}]}}))
+    (runner,) = tfopt.bench.runners_for(tmp_path / "model.plan")
+    assert runner.backend == "tensorrt" and runner.precision == "int8"
+    assert calls == [("deserialize", b"ENGINE"), ("create_execution_context",)]
+    del calls[:]
+
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    for _ in range(5):  # what bench times: the same batch, again and again
+        runner.run([x])
+    kinds = [c[0] for c in calls]
+    assert kinds.count("execute") == 5 and kinds.count("synchronize") == 5
+    assert kinds.count("allocate") == 2  # the input and the output buffer, once
+    assert kinds.count("copy_in") == 1 and kinds.count("set_input_shape") == 2
+    assert "to_host" not in kinds  # the outputs stay on the device while timed
+    assert kinds.count("set_tensor_address") == 2
+    assert runner([x])["out"].shape == (4, 10)
+
+    del calls[:]
+    runner.run([x[:2]])  # a new shape: new buffers, once
+    runner.run([x[:2]])
+    kinds = [c[0] for c in calls]
+    assert kinds.count("allocate") == 2 and kinds.count("execute") == 2
+    del calls[:]
+    runner.run([x])  # back to the first shape: its buffers are reused
+    assert [c[0] for c in calls].count("allocate") == 0
+
+
 def test_bench_runs_an_exported_engine_with_the_signature_from_its_manifest(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(11, []))
-    seen = {}
+    from tfopt.artifacts import _tensorrt as trt_runner
 
-    def fake_run(engine_path, signature, arrays):
-        seen["names"] = [s.name for s in signature.inputs]
-        return {name: np.zeros((len(arrays[0]), 10), "float32") for name in signature.outputs}
-
-    monkeypatch.setattr(_tensorrt, "run_engine", fake_run)
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_runtime(fake_tensorrt(11, []), calls))
+    monkeypatch.setattr(trt_runner, "TorchCuda", lambda: FakeDevice(calls))
     x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
     result = tfopt.export(functional(), tmp_path, formats=("tensorrt",), validation_data=x,
-                          tolerance=1e9)
+                          tolerance=1e9)  # the stand-in engine returns zeros
     (runner,) = tfopt.bench.runners_for(result.paths["tensorrt"])
-    assert runner.backend == "tensorrt" and runner.run([x]).shape == (4, 10)
-    assert seen["names"] == [result.manifest["signature"]["inputs"][0]["name"]]
+    assert runner.backend == "tensorrt" and runner.first([x]).shape == (4, 10)
+    name = result.manifest["signature"]["inputs"][0]["name"]
+    assert ("set_input_shape", name, (4, 8, 8, 1)) in calls

@@ -100,8 +100,14 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     baseline.set_weights(model.get_weights())
     _compile(baseline, 1e-3)
     metrics["baseline_accuracy"] = float(baseline.evaluate(x_test, y_test, verbose=0)[1])
-    baseline_export = tfopt.export(baseline, output / "baseline", formats=("onnx",),
-                                   validation_data=x_test[:64], overwrite=True)
+    # The float model as a user serves it today (the SavedModel, on TF Serving's
+    # engine) and on each other engine, so the report tells the engine's gain
+    # from the optimization's.
+    openvino = _openvino_available()
+    baseline_export = tfopt.export(
+        baseline, output / "baseline",
+        formats=("saved_model", "onnx") + (("openvino",) if openvino else ()),
+        validation_data=x_test[:64], overwrite=True)
 
     current = model
     prune = spec.get("prune")
@@ -117,6 +123,8 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
 
     export = spec.get("export") or {}
     formats = tuple(export.get("formats", ("saved_model", "onnx")))
+    if openvino and "openvino" not in formats:
+        formats += ("openvino",)  # OpenVINO is installed: its engine is benchmarked too
     precisions = ["int8"] if quantize else list(export.get("precisions", ["fp32"]))
     exports = {}
     for precision in precisions:
@@ -131,23 +139,32 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
 
     bench = spec.get("bench") or {}
     step("benchmark")
-    runners = (tfopt.bench.runners_for(baseline, "baseline keras")
-               + tfopt.bench.runners_for(baseline_export.paths["onnx"], "baseline onnx"))
+    modes = tuple(bench.get("openvino_modes", ("latency", "throughput")))
+    runners = tfopt.bench.runners_for(baseline, "baseline keras")
+    for fmt, path in baseline_export.paths.items():
+        runners += tfopt.bench.runners_for(path, f"baseline {fmt}", openvino_modes=modes)
     for result in exports.values():
-        for fmt in ("saved_model", "onnx"):
+        for fmt in ("saved_model", "onnx", "openvino"):
             if fmt in result.paths:
-                runners += tfopt.bench.runners_for(result.paths[fmt], f"optimized {fmt}")
+                runners += tfopt.bench.runners_for(result.paths[fmt], f"optimized {fmt}",
+                                                   openvino_modes=modes)
     # Accuracy on random labels means nothing: only report it on real data.
     labels = None if spec["data"]["source"] == "synthetic" else y_test
     report = tfopt.bench.run(
         runners, x_test, labels=labels,
         batch_sizes=bench.get("batch_sizes", [1, 32]), repeats=bench.get("repeats", 20),
         warmup=bench.get("warmup", 3), min_seconds=bench.get("min_seconds", 0.5),
-        progress=bool(verbose))
+        progress=bool(verbose), memory=bench.get("memory", True))
     metrics["bench"] = report.to_dict()
     metrics["seconds"] = time.perf_counter() - started
     _write_report(output, spec, metrics, report, exports, baseline_export)
     return metrics
+
+
+def _openvino_available() -> bool:
+    from tfopt.artifacts._openvino import available
+
+    return available()
 
 
 def _prune(model, spec, x, y, step, verbose):
@@ -188,9 +205,16 @@ def _quantize(model, spec, x, y, step, verbose):
     return qat
 
 
+BASELINE = "baseline saved_model / TensorFlow"  # the float SavedModel, as TF Serving runs it
+
+
+def report_headline(report) -> str:
+    """The report's first line: the best optimized artifact against what TF Serving runs."""
+    return report.headline(baseline=BASELINE, candidate_prefix="optimized")
+
+
 def _write_report(output: Path, spec, metrics, report, exports, baseline_export) -> None:
-    headline = report.headline(baseline="baseline keras predict", candidate_prefix="optimized",
-                               size_reference="baseline onnx fp32 / ORT CPU")
+    headline = report_headline(report)
     plot = report.plot(output / "latency_size.png")
     lines = [
         f"**{headline}**", "",
@@ -216,7 +240,14 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
             lines.append(f"| {precision} | {fmt} (`{path.relative_to(output)}`) | "
                          f"{size.get('raw', 0) / 2**20:.3f} | {size.get('gzip', 0) / 2**20:.3f} "
                          f"| {err:.2e} |")
-    lines += ["", "## Latency and throughput", "", report.markdown(), "",
+    lines += ["", "## Latency, throughput and memory", "",
+              "Baseline: the float SavedModel on TensorFlow, what TF Serving runs. Rows named "
+              "`baseline` are the float model on each engine, rows named `optimized` the "
+              "pruned/quantized one; `predict`, eager, `tf.function` and `tf.function jit` "
+              "are the Keras model called in memory. Peak memory: resident memory high-water "
+              "mark of a fresh process serving that artifact alone at the largest batch.", "",
+              report.markdown(), "",
+              report.cpu_line(), "",
               f"![latency and size]({plot.name})", "",
               "Environment: " + ", ".join(f"{k} {v}" for k, v in report.environment.items()
                                           if not isinstance(v, list)) + "."]

@@ -59,6 +59,10 @@ def _list_of(item_check, length=None):
     return check
 
 
+def _boolean(value):
+    return None if isinstance(value, bool) else "must be true or false"
+
+
 def _mapping(value):
     return None if isinstance(value, dict) else "must be a mapping"
 
@@ -89,13 +93,15 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
     "quantize": {"config": (_string(("int8",)), False), "epochs": (EPOCHS, False),
                  "batch_size": (POSITIVE_INT, False), "learning_rate": (RATE, False),
                  "calibration_samples": (POSITIVE_INT, False)},
-    "export": {"formats": (_list_of(_string(("saved_model", "frozen_graph", "onnx", "tensorrt",
-                                               "tftrt", "triton"))), False),
+    "export": {"formats": (_list_of(_string(("saved_model", "frozen_graph", "onnx", "openvino",
+                                               "tensorrt", "tftrt", "triton"))), False),
                "precisions": (_list_of(_string(("fp32", "fp16", "int8"))), False),
                "opset": (_number(13, 21, integer=True), False),
                "placement": (_string(("onnxruntime", "tensorrt")), False)},
     "bench": {"batch_sizes": (_list_of(POSITIVE_INT), False), "repeats": (POSITIVE_INT, False),
-              "warmup": (EPOCHS, False), "min_seconds": (_number(0), False)},
+              "warmup": (EPOCHS, False), "min_seconds": (_number(0), False),
+              "openvino_modes": (_list_of(_string(("latency", "throughput"))), False),
+              "memory": (_boolean, False)},
 }
 
 

@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                             description="Export a .keras model and validate every artifact.")
     export.add_argument("model", help="path of a .keras model")
     export.add_argument("--format", "-f", action="append", dest="formats",
-                        help="saved_model, frozen_graph, onnx, tensorrt, tftrt or triton "
+                        help="saved_model, frozen_graph, onnx, openvino, tensorrt, tftrt or triton "
                              "(repeat for several; default saved_model and onnx)")
     export.add_argument("--precision", default="fp32", help="fp32, fp16 or int8")
     export.add_argument("--output", "-o", required=True, help="export directory")
@@ -38,15 +38,23 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
 
     bench = sub.add_parser("bench", help="benchmark models and artifacts",
-                           description="Time .keras models, SavedModels and .onnx files on "
-                                       "every backend present, at each batch size.")
-    bench.add_argument("artifacts", nargs="+", help=".keras, .onnx or SavedModel folder")
+                           description="Time .keras models, SavedModels, .onnx files and "
+                                       "OpenVINO IRs on every engine present (OpenVINO too, "
+                                       "when installed), at each batch size, with each "
+                                       "engine's peak memory.")
+    bench.add_argument("artifacts", nargs="+",
+                       help=".keras, .onnx, OpenVINO IR (.xml or its folder) or SavedModel folder")
     bench.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--inputs", help=".npy inputs (default: random, shaped like the model)")
     bench.add_argument("--labels", help=".npy integer labels, for an accuracy column")
     bench.add_argument("--repeats", type=int, default=20)
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.add_argument("--plot", help="also write a latency/size bar chart (PNG) here")
+    bench.add_argument("--openvino-modes", default="latency",
+                       help="OpenVINO performance hints to time: latency, throughput or both "
+                            "(comma-separated)")
+    bench.add_argument("--no-memory", action="store_true",
+                       help="skip the peak-memory probe (a fresh process per engine)")
 
     inspect = sub.add_parser("inspect", help="per-layer sparsity and quantization summary",
                              description="Summarize a .keras model or a SavedModel.")
@@ -133,18 +141,24 @@ def _cmd_bench(args) -> int:
         batches = [int(b) for b in args.batch.split(",")]
     except ValueError:
         raise UsageError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    modes = tuple(m.strip() for m in args.openvino_modes.split(",") if m.strip())
+    if not modes or any(m not in ("latency", "throughput") for m in modes):
+        raise UsageError(f"--openvino-modes takes latency and/or throughput, got "
+                         f"{args.openvino_modes!r}")
     artifacts = []
     for item in args.artifacts:
         if not Path(item).exists():
             raise UsageError(f"no artifact at {item}")
-        artifacts.extend(tfopt.bench.runners_for(item))
+        artifacts.extend(tfopt.bench.runners_for(item, openvino_modes=modes,
+                                                 openvino_from_onnx=True))
     inputs = _load_array(args.inputs, "--inputs")
     if inputs is None:
         shape = _input_shape(args.artifacts[0])
         print(f"No --inputs: timing random inputs of shape {shape}.", file=sys.stderr)
         inputs = np.random.default_rng(0).uniform(size=(max(batches), *shape)).astype("float32")
     report = tfopt.bench.run(artifacts, inputs, batch_sizes=batches, repeats=args.repeats,
-                             labels=_load_array(args.labels, "--labels"))
+                             labels=_load_array(args.labels, "--labels"),
+                             memory=not args.no_memory)
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -155,6 +169,11 @@ def _cmd_bench(args) -> int:
 
 def _input_shape(artifact: str) -> tuple:
     path = Path(artifact)
+    if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
+        from tfopt.artifacts._openvino import _core, model_path
+
+        shape = _core().read_model(str(model_path(path))).inputs[0].get_partial_shape()
+        return tuple(d.get_length() for d in list(shape)[1:])
     if path.suffix == ".onnx":
         import onnx
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import keras
 import numpy as np
 
-from tfopt.bench import _backends
+from tfopt import artifacts as _artifacts
+from tfopt.artifacts._runner import Runner
+from tfopt.bench import _backends, _memory
 from tfopt.bench._timing import measure
 from tfopt.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# What TF Serving runs: the headline's default baseline.
+SERVING_BASELINE = "saved_model"
 
 
 @dataclasses.dataclass
@@ -33,6 +42,9 @@ class BenchRow:
     gzip_bytes: Optional[int]
     accuracy: Optional[float]
     artifact: Optional[str]
+    engine: str = ""  # what runs it, e.g. "ORT CPU", "OpenVINO CPU bf16", "TensorFlow"
+    peak_rss_bytes: Optional[int] = None  # of a fresh process serving this runner alone
+    device_bytes: Optional[int] = None  # GPU memory it held (CUDA engines)
 
 
 @dataclasses.dataclass
@@ -43,17 +55,30 @@ class BenchReport:
     environment: dict
 
     def table(self) -> str:
-        header = (f"{'runner':<34}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
-                  f"{'spread':>8}{'items/s':>11}{'size MB':>9}{'gzip MB':>9}{'acc':>8}")
+        width = max([34] + [len(r.name) + 2 for r in self.rows])
+        header = (f"{'runner':<{width}}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
+                  f"{'spread':>8}{'items/s':>11}{'size MB':>9}{'gzip MB':>9}{'peak MB':>9}"
+                  f"{'acc':>8}")
         lines = [header, "-" * len(header)]
         for r in self.rows:
             size = "" if r.size_bytes is None else f"{r.size_bytes / 2**20:.2f}"
             gz = "" if r.gzip_bytes is None else f"{r.gzip_bytes / 2**20:.2f}"
             acc = "" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
-            lines.append(f"{r.name:<34}{r.batch_size:>6}{r.p50_ms:>10.3f}{r.p90_ms:>10.3f}"
+            lines.append(f"{r.name:<{width}}{r.batch_size:>6}{r.p50_ms:>10.3f}{r.p90_ms:>10.3f}"
                          f"{r.p99_ms:>10.3f}{r.spread:>8.2f}{r.throughput:>11.1f}"
-                         f"{size:>9}{gz:>9}{acc:>8}")
+                         f"{size:>9}{gz:>9}{_memory_mb(r):>9}{acc:>8}")
+        lines.append(self.cpu_line())
         return "\n".join(lines)
+
+    def cpu_line(self) -> str:
+        """Which CPU, which instruction sets were found, what OpenVINO's CPU plugin offers."""
+        env = self.environment
+        text = (f"CPU: {env.get('cpu') or 'unknown'}, {env.get('cpus')} cores; instruction sets "
+                f"found: {', '.join(env.get('cpu_isa') or []) or 'none of AVX512-VNNI/AMX'}")
+        if env.get("openvino_cpu_capabilities"):
+            text += (f"; OpenVINO {env.get('openvino')} CPU plugin: "
+                     f"{', '.join(env['openvino_cpu_capabilities'])}")
+        return text + "."
 
     def to_dict(self) -> dict:
         return {"environment": self.environment, "rows": [dataclasses.asdict(r) for r in self.rows]}
@@ -63,25 +88,58 @@ class BenchReport:
 
     def headline(self, baseline: Optional[str] = None, candidate_prefix: str = "",
                  size_reference: Optional[str] = None, batch_size: Optional[int] = None) -> str:
-        """One sentence: how much smaller and faster, at what accuracy cost.
+        """One sentence: how much faster and smaller than what TF Serving runs, at what accuracy.
+
+        The baseline is the float SavedModel on TensorFlow (TF Serving's
+        engine) at the same batch size, never ``model.predict``. When the
+        table holds the float model on the winner's engine too, the sentence
+        says how much of the gain is the engine's and how much the
+        optimization's.
 
         Args:
-            baseline: Name of the runner to compare against (default: the first).
+            baseline: Name of the runner to compare against (default: the
+                first SavedModel row).
             candidate_prefix: Only runners whose name starts with this compete;
                 the fastest of them is reported.
             size_reference: Runner whose artifact size stands for the baseline's
-                (a Keras model in memory has no file; its float ONNX does).
+                (default: the baseline itself).
             batch_size: Batch size to compare at (default: the smallest timed).
+
+        Raises:
+            ConfigError: If the baseline is a ``predict`` row, or there is no
+                SavedModel row to default to.
         """
         batch = batch_size or min(r.batch_size for r in self.rows)
         at = [r for r in self.rows if r.batch_size == batch]
-        base = next((r for r in at if r.name == baseline), at[0])
-        others = [r for r in at if r is not base and r.name.startswith(candidate_prefix)]
+        if baseline is None:
+            base = next((r for r in at if r.backend == SERVING_BASELINE), None)
+            if base is None:
+                raise ConfigError(
+                    "The headline compares against the float SavedModel on TensorFlow (what TF "
+                    "Serving runs): benchmark one (tfopt.export(..., formats=('saved_model',))) "
+                    "or name another runner with baseline=.")
+        else:
+            base = next((r for r in at if r.name == baseline), None)
+            if base is None:
+                raise ConfigError(f"No runner named {baseline!r} at batch {batch}; runners: "
+                                  f"{[r.name for r in at]}.")
+        if base.backend == "keras_predict":
+            raise ConfigError(
+                f"{base.name!r} is model.predict, which measures Keras' predict loop, not a "
+                "served model: compare against the float SavedModel on TensorFlow instead.")
+        others = [r for r in at if r is not base and r.name.startswith(candidate_prefix)
+                  and r.backend != "keras_predict"]
         if not others:
-            return f"{base.name}: {base.p50_ms:.2f} ms at batch {batch}."
+            return f"{base.name}: {base.p50_ms:.3g} ms at batch {batch}."
         best = min(others, key=lambda r: r.p50_ms)
         parts = [f"{best.name} is {base.p50_ms / best.p50_ms:.1f}x faster than {base.name} "
                  f"at batch {batch} ({best.p50_ms:.3g} vs {base.p50_ms:.3g} ms)"]
+        same_engine = [r for r in at if r.engine == best.engine and r.engine and r is not best
+                       and r is not base and not r.name.startswith(candidate_prefix)]
+        if candidate_prefix and same_engine:
+            engine_float = same_engine[0]
+            parts.append(f"{base.p50_ms / engine_float.p50_ms:.1f}x for the float model on that "
+                         f"engine ({engine_float.name}: {engine_float.p50_ms:.3g} ms)")
         reference = next((r for r in at if r.name == size_reference), base)
         if reference.size_bytes and best.size_bytes:
             parts.append(f"{reference.size_bytes / best.size_bytes:.1f}x smaller than "
@@ -120,53 +178,83 @@ class BenchReport:
         return path
 
     def markdown(self) -> str:
-        lines = ["| runner | batch | p50 ms | p90 ms | p99 ms | items/s | size MB | gzip MB | accuracy |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| runner | batch | p50 ms | p90 ms | p99 ms | items/s | size MB | gzip MB "
+                 "| peak memory MB | accuracy |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in self.rows:
             lines.append(
                 f"| {r.name} | {r.batch_size} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} "
                 f"| {r.throughput:.1f} | {'' if r.size_bytes is None else f'{r.size_bytes / 2**20:.2f}'} "
                 f"| {'' if r.gzip_bytes is None else f'{r.gzip_bytes / 2**20:.2f}'} "
+                f"| {_memory_mb(r)} "
                 f"| {'' if r.accuracy is None else f'{100 * r.accuracy:.2f}%'} |")
         return "\n".join(lines)
 
 
-Artifact = Union[keras.Model, str, os.PathLike, _backends.Runner]
+def _memory_mb(row: BenchRow) -> str:
+    """Peak resident memory (and device memory on CUDA), MB."""
+    if row.peak_rss_bytes is None:
+        return ""
+    text = f"{row.peak_rss_bytes / 2**20:.0f}"
+    if row.device_bytes is not None:
+        text += f" + {row.device_bytes / 2**20:.0f} GPU"
+    return text
 
 
-def runners_for(artifact: Artifact, label: Optional[str] = None) -> list[_backends.Runner]:
-    """Every runner that applies to an artifact (a model, a SavedModel, an ONNX file)."""
-    if isinstance(artifact, _backends.Runner):
+Artifact = Union[keras.Model, str, os.PathLike, Runner]
+
+
+def runners_for(artifact: Artifact, label: Optional[str] = None, *,
+                openvino_modes: Sequence[str] = ("latency",),
+                openvino_from_onnx: bool = False) -> list[Runner]:
+    """Every runner that applies to an artifact.
+
+    A Keras model (or ``.keras`` file) gives ``predict``, eager, ``tf.function``
+    and ``tf.function(jit_compile=True)`` rows; exported artifacts run through
+    :mod:`tfopt.artifacts`: a SavedModel on TensorFlow, an ``.onnx`` on ONNX
+    Runtime CPU (and CUDA where present), an OpenVINO IR (its folder or
+    ``.xml``) on OpenVINO CPU in f32 and bf16 (where the CPU has it), in
+    each of ``openvino_modes`` (``"latency"``, ``"throughput"``), a ``.plan``
+    on TensorRT. An export directory gives every artifact in it. With
+    ``openvino_from_onnx`` (and OpenVINO installed) an ``.onnx`` also runs
+    on OpenVINO, which reads ONNX directly.
+    """
+    if isinstance(artifact, Runner):
         return [artifact]
     if isinstance(artifact, keras.Model):
         return _backends.keras_runners(artifact, label or "keras")
     path = Path(artifact)
     if not path.exists():
-        raise ConfigError(f"No artifact at {path}: pass a .keras model, a SavedModel folder "
-                          "or an .onnx file that exists.")
-    if path.suffix == ".onnx":
-        return _backends.onnx_runners(path, label or path.parent.name or "onnx")
+        raise ConfigError(f"No artifact at {path}: pass a .keras model, a SavedModel folder, "
+                          "an .onnx file or an OpenVINO IR that exists.")
     if path.suffix == ".keras":
         return _backends.keras_runners(keras.models.load_model(path), label or path.stem)
-    if path.suffix == ".plan":
-        manifest = path.parent / "manifest.json"
-        if not manifest.exists():
-            raise ConfigError(f"A TensorRT engine is benchmarked with the manifest.json that "
-                              f"tfopt.export wrote beside it (for its inputs); none at {manifest}.")
-        from tfopt.export._signature import ModelSignature
+    if _artifacts.kind(path) is None and path.is_dir() and (path / "manifest.json").is_file():
+        manifest = json.loads((path / "manifest.json").read_text())
+        found = []
+        for fmt, info in manifest.get("artifacts", {}).items():
+            target = path / info["path"]
+            if fmt == "saved_model" or _artifacts.kind(target) not in (None, "saved_model"):
+                found += runners_for(target, f"{label or path.name} {fmt}",
+                                     openvino_modes=openvino_modes)
+        return found
+    try:
+        found = _artifacts.load(path, label, openvino_modes=openvino_modes)
+        if openvino_from_onnx and _artifacts.kind(path) == "onnx":
+            from tfopt.artifacts import _openvino
 
-        signature = ModelSignature.from_manifest(json.loads(manifest.read_text()))
-        return [_backends.tensorrt_runner(path, signature, label or "tensorrt")]
-    if path.is_dir() and (path / "saved_model.pb").exists():
-        return [_backends.saved_model_runner(path, label or "saved_model")]
-    raise ConfigError(
-        f"Don't know how to benchmark {path}: expected a .keras file, an .onnx file, a "
-        "TensorRT .plan written by tfopt.export, or a SavedModel folder (with saved_model.pb).")
+            if _openvino.available():
+                found += _openvino.openvino_runners(path, label or path.parent.name or "onnx",
+                                                    modes=openvino_modes)
+        return found
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("Don't know how to run",
+                                           "Don't know how to benchmark")) from None
 
 
 def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (1, 8, 32),
         labels=None, warmup: int = 3, repeats: int = 20, min_seconds: float = 0.5,
-        progress: bool = True) -> BenchReport:
+        progress: bool = True, memory: bool = True) -> BenchReport:
     """Time every artifact on every backend that applies, at each batch size.
 
     Args:
@@ -179,6 +267,10 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
             (argmax of the first output, over all of ``inputs``).
         warmup: Untimed calls per runner and batch size.
         repeats: Timed calls at least; more until ``min_seconds`` have passed.
+        memory: Measure each artifact runner's peak memory while serving the
+            largest batch, in a fresh process of its own (resident memory
+            high-water mark; device memory on CUDA). Keras models in memory
+            get none.
 
     Returns:
         A :class:`BenchReport`: ``.table()``, ``.markdown()``, ``.write_json()``,
@@ -195,26 +287,45 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
         if runner.artifact is not None:
             from tfopt.export._validate import sizes as measure_size
 
-            sizes[runner.name] = measure_size(runner.artifact)
-    rows = []
+            artifact = Path(runner.artifact)
+            # An OpenVINO IR is its .xml and .bin: size the folder tfopt wrote.
+            sizes[runner.name] = measure_size(
+                artifact.parent if runner.backend == "openvino_cpu" else artifact)
+    rows, failed = [], []
     total = len(runners) * len(batch_sizes)
     bar = _progress(total, progress)
     for runner in runners:
-        accuracy = _accuracy(runner, arrays, labels) if labels is not None else None
-        for batch in batch_sizes:
-            feed = [_batch(a, batch) for a in arrays]
-            timing = measure(lambda: runner.run(feed), warmup=warmup, repeats=repeats,
-                             min_seconds=min_seconds)
-            size = sizes.get(runner.name, {})
+        try:
+            accuracy = _accuracy(runner, arrays, labels) if labels is not None else None
+            timings = []
+            for batch in batch_sizes:
+                feed = [_batch(a, batch) for a in arrays]
+                timings.append(measure(lambda: runner.run(feed), warmup=warmup, repeats=repeats,
+                                       min_seconds=min_seconds))
+                bar.update(1)
+        except Exception as exc:  # noqa: BLE001 - one engine failing leaves the others' rows
+            failed.append(f"{runner.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            logger.debug("Runner %s failed", runner.name, exc_info=True)
+            continue
+        peak = None
+        if memory:
+            peak = _memory.peak_memory(runner, [_batch(a, max(batch_sizes)) for a in arrays])
+        size = sizes.get(runner.name, {})
+        for batch, timing in zip(batch_sizes, timings):
             rows.append(BenchRow(
                 name=runner.name, backend=runner.backend, precision=runner.precision,
                 batch_size=batch, p50_ms=1e3 * timing.p50, p90_ms=1e3 * timing.p90,
                 p99_ms=1e3 * timing.p99, spread=timing.spread,
                 throughput=timing.throughput(batch), size_bytes=size.get("raw"),
                 gzip_bytes=size.get("gzip"), accuracy=accuracy,
-                artifact=None if runner.artifact is None else str(runner.artifact)))
-            bar.update(1)
+                artifact=None if runner.artifact is None else str(runner.artifact),
+                engine=runner.name.split(" / ", 1)[1] if " / " in runner.name else "",
+                peak_rss_bytes=None if peak is None else peak.get("peak_rss_bytes"),
+                device_bytes=None if peak is None else peak.get("device_bytes")))
     bar.close()
+    if failed:
+        warnings.warn(f"{len(failed)} runner(s) failed and have no rows: " + "; ".join(failed),
+                      stacklevel=2)
     return BenchReport(rows, _environment())
 
 
@@ -229,8 +340,7 @@ def _accuracy(runner, arrays, labels, batch: int = 64) -> float:
     labels = np.asarray(labels).reshape(-1)
     predictions = []
     for start in range(0, len(labels), batch):
-        out = runner.run([a[start:start + batch] for a in arrays])
-        out = out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        out = runner.first([a[start:start + batch] for a in arrays])
         predictions.append(out.reshape(len(out), -1).argmax(axis=1))
     return float(np.mean(np.concatenate(predictions) == labels))
 
@@ -249,6 +359,14 @@ def _environment() -> dict:
         env["onnxruntime_providers"] = onnxruntime.get_available_providers()
     except ImportError:
         pass
+    from tfopt.artifacts._openvino import cpu_features
+
+    features = cpu_features()
+    env["cpu"] = features.get("device") or platform.processor()
+    env["cpu_isa"] = features["isa"]
+    if features.get("openvino"):
+        env["openvino"] = features["openvino"].split("-")[0]
+        env["openvino_cpu_capabilities"] = features["capabilities"]
     return env
 
 

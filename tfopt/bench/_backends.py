@@ -1,52 +1,59 @@
-"""Runners for Keras models, SavedModels and TensorRT engines.
+"""Runners for Keras models in memory; artifacts on disk run through ``tfopt.artifacts``.
 
-A runner is built once (sessions created, functions traced) and then called
-repeatedly by the timer. ONNX Runtime's runners live in ``_ort``, which needs
-no TensorFlow, so that they also run on machines that have only onnxruntime.
+A Keras model is timed the four ways a Keras user can call it:
+``model.predict`` (what users run by default), the eager call
+``model(x, training=False)``, the call under ``tf.function`` (a static
+graph) and under ``tf.function(jit_compile=True)`` (XLA).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tfopt.bench._ort import Runner, cuda_available, onnx_precision, onnx_runners  # noqa: F401
+from tfopt.artifacts._runner import Runner
+
+
+def _output_names(model) -> tuple:
+    names = getattr(model, "output_names", None)
+    if names:
+        return tuple(names)
+    outputs = getattr(model, "outputs", None) or [None]
+    return tuple(f"output_{i}" for i in range(len(outputs))) if len(outputs) > 1 else ("output",)
 
 
 def keras_runners(model: keras.Model, label: str = "keras") -> list[Runner]:
-    """``model.predict`` (what users run by default) and the call under ``tf.function``."""
+    """``predict``, eager call, ``tf.function`` and ``tf.function(jit_compile=True)``."""
     single = len(model.inputs) == 1 if getattr(model, "inputs", None) else True
+    outputs = _output_names(model)
+
+    def args(arrays):
+        return arrays[0] if single else list(arrays)
 
     def predict(arrays):
-        out = model.predict(arrays[0] if single else list(arrays), verbose=0,
-                            batch_size=len(arrays[0]))
-        return keras.tree.flatten(out)[0]
+        out = model.predict(args(arrays), verbose=0, batch_size=len(arrays[0]))
+        return keras.tree.flatten(out)
+
+    def eager(arrays):
+        return keras.tree.flatten(model(args([tf.constant(a) for a in arrays]), training=False))
 
     function = tf.function(lambda *xs: model(xs[0] if single else list(xs), training=False))
+    xla = tf.function(lambda *xs: model(xs[0] if single else list(xs), training=False),
+                      jit_compile=True)
 
     def call(arrays):
-        return keras.tree.flatten(function(*arrays))[0].numpy()
+        return keras.tree.flatten(function(*arrays))
 
-    return [Runner(f"{label} predict", "keras_predict", None, predict),
-            Runner(f"{label} tf.function", "keras_function", None, call)]
+    def call_xla(arrays):
+        return keras.tree.flatten(xla(*arrays))
 
+    def fetch(values):
+        return [np.asarray(v) for v in values]
 
-def saved_model_runner(path: Path, label: str = "saved_model") -> Runner:
-    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
-    names = list(serving.structured_input_signature[1])
-    first_output = sorted(serving.structured_outputs)[0]
-
-    def run(arrays):
-        out = serving(**{n: tf.constant(a) for n, a in zip(names, arrays)})
-        return out[first_output].numpy()
-
-    return Runner(f"{label} serving_default", "saved_model", Path(path), run)
-
-
-def tensorrt_runner(path: Path, signature, label: str = "tensorrt") -> Runner:
-    from tfopt.export import _tensorrt
-
-    return Runner(f"{label} / TensorRT", "tensorrt", Path(path),
-                  lambda arrays: next(iter(_tensorrt.run_engine(path, signature, arrays).values())))
+    return [Runner(f"{label} predict", "keras_predict", None, predict, outputs=outputs, fetch=fetch),
+            Runner(f"{label} eager", "keras_eager", None, eager, outputs=outputs, fetch=fetch),
+            Runner(f"{label} tf.function", "keras_function", None, call, outputs=outputs,
+                   fetch=fetch),
+            Runner(f"{label} tf.function jit", "keras_xla", None, call_xla, outputs=outputs,
+                   fetch=fetch)]

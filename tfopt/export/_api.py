@@ -26,7 +26,7 @@ from tfopt.export._validate import compare, sizes
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("saved_model", "frozen_graph", "onnx", "tensorrt", "tftrt", "triton")
+FORMATS = ("saved_model", "frozen_graph", "onnx", "openvino", "tensorrt", "tftrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Where an INT8 ONNX puts its Q/DQ, by the engine that runs it as integer kernels.
 PLACEMENTS = ("onnxruntime", "tensorrt")
@@ -94,6 +94,11 @@ def export(model, directory: Union[str, os.PathLike], *,
     * ``onnx``: ``model.onnx`` through tf2onnx (opset ``opset``); FP16 inside
       with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models,
       placed for the engine named by ``placement``.
+    * ``openvino``: ``openvino/model.xml`` and ``model.bin``, an OpenVINO IR
+      converted by OpenVINO's own converter from the ONNX (QAT models keep
+      int8 as FakeQuantize; ``precision="fp16"`` stores fp16-compressed
+      weights). Validated with the f32 inference precision, and also with
+      bf16 (bf16 tolerance) where the CPU has bf16.
     * ``tensorrt``: ``model.plan``, a TensorRT engine built from the ONNX
       in TensorRT's placement (needs the ``tensorrt`` package and a GPU),
       with a batch profile ``batch_sizes=(min, opt, max)`` and
@@ -187,7 +192,7 @@ def export(model, directory: Union[str, os.PathLike], *,
     directory = Path(directory)
     targets = {
         "saved_model": f"saved_model/{version}", "frozen_graph": "frozen_graph.pb",
-        "onnx": "model.onnx", "tensorrt": "model.plan", "tftrt": f"tftrt/{version}",
+        "onnx": "model.onnx", "openvino": "openvino", "tensorrt": "model.plan", "tftrt": f"tftrt/{version}",
         "triton": f"triton/{name}",
     }
     chosen = {f: targets[f] for f in formats}
@@ -212,7 +217,7 @@ def export(model, directory: Union[str, os.PathLike], *,
                                             warmup=warmup, opset=opset, quantized=quantized,
                                             batch_sizes=batch_sizes, name=name, version=version,
                                             reference=reference, directory=directory,
-                                            placement=placement)
+                                            tolerance=tolerance, placement=placement)
                 if fmt in chosen:
                     run = built[fmt].get("run")
                     if run is not None:
@@ -259,9 +264,9 @@ def _effective_precision(precision: str, quantized: bool, formats) -> str:
                 "A QAT model exports int8 Q/DQ; precision='fp16' does not apply to it. "
                 "Use precision='int8' (or leave the default).")
         return "int8"
-    if precision == "int8" and any(f in formats for f in ("onnx", "tensorrt", "triton")):
+    if precision == "int8" and any(f in formats for f in ("onnx", "openvino", "tensorrt", "triton")):
         raise ConfigError(
-            "precision='int8' for ONNX/TensorRT needs Q/DQ in the graph: quantize the model "
+            "precision='int8' for ONNX/OpenVINO/TensorRT needs Q/DQ in the graph: quantize the model "
             "first with tfopt.quantize(model) and fine-tune it, then export that model.")
     return precision
 
@@ -289,20 +294,28 @@ def _progress(formats):
 # -- one builder per format: write the artifact, return how to run it --------
 
 def _saved_model_runner(path: Path, signature):
-    def run(arrays):
-        loaded = tf.saved_model.load(str(path)).signatures["serving_default"]
-        out = loaded(**{s.name: tf.constant(a) for s, a in zip(signature.inputs, arrays)})
-        return {k: v.numpy() for k, v in out.items()}
+    from tfopt.artifacts._tf import saved_model_runner
 
-    return run
+    return _loaded_once(lambda: saved_model_runner(path, inputs=signature.input_names,
+                                                   outputs=signature.outputs))
 
 
 def _onnx_runner(path: Path, signature):
+    from tfopt.artifacts._ort import onnx_runners
+
+    return _loaded_once(lambda: onnx_runners(path, providers=["CPUExecutionProvider"],
+                                             inputs=signature.input_names,
+                                             outputs=signature.outputs)[0])
+
+
+def _loaded_once(make):
+    """``run(arrays) -> {output: array}`` through a tfopt.artifacts runner, loaded on first use."""
+    holder = []
+
     def run(arrays):
-        session = _onnx.session(path)
-        values = session.run(list(signature.outputs),
-                             {s.name: a for s, a in zip(signature.inputs, arrays)})
-        return dict(zip(signature.outputs, values))
+        if not holder:
+            holder.append(make())
+        return holder[0](arrays)
 
     return run
 
@@ -315,12 +328,10 @@ def _build_saved_model(model, signature, serve, path, need, *, feed, freeze, war
 
 def _build_frozen_graph(model, signature, serve, path, need, **_):
     output_names, input_names = _saved_model.write_frozen_graph(model, signature, path)
+    from tfopt.artifacts._tf import frozen_graph_runner
 
-    def run(arrays):
-        fn = _saved_model.load_frozen_graph(path, input_names, output_names)
-        values = fn(*[tf.constant(a) for a in arrays])
-        return {k: v.numpy() for k, v in zip(signature.outputs, values)}
-
+    run = _loaded_once(lambda: frozen_graph_runner(path, input_names, output_names,
+                                                   signature.outputs))
     return {"run": run, "inputs": input_names, "outputs": output_names}
 
 
@@ -339,6 +350,25 @@ def _build_onnx(model, signature, serve, path, need, *, precision, opset, quanti
     if quantized:
         info["ort_cpu_kernels"] = _kernel_report(path, placement)
     return {"run": _onnx_runner(path, signature), **info}
+
+
+def _build_openvino(model, signature, serve, path, need, *, precision, feed, reference,
+                    tolerance, **_):
+    from tfopt.artifacts import _openvino as ov_runtime
+    from tfopt.export import _openvino
+
+    ov_runtime.import_openvino()  # a clear error before any work
+    info = _openvino.convert(need("onnx")["path"], path, compress_to_fp16=precision == "fp16")
+
+    def runner(inference_precision):
+        return ov_runtime.openvino_runner(path, precision=inference_precision,
+                                          inputs=signature.input_names, outputs=signature.outputs)
+
+    if ov_runtime.bf16_available():  # what OpenVINO runs by default on this CPU: check it too
+        errors = compare("openvino (bf16 inference precision)", reference, runner("bf16")(feed),
+                         "int8" if precision == "int8" else "bf16", tolerance)
+        info["bf16_errors"] = {k: e.as_dict() for k, e in errors.items()}
+    return {"run": _loaded_once(lambda: runner("f32")), **info}
 
 
 def _kernel_report(path: Path, placement: str) -> dict:
@@ -404,7 +434,8 @@ def _register(fmt, builder):
 
 
 for _fmt, _builder in [("saved_model", _build_saved_model), ("frozen_graph", _build_frozen_graph),
-                       ("onnx", _build_onnx), ("tensorrt", _build_tensorrt),
+                       ("onnx", _build_onnx), ("openvino", _build_openvino),
+                       ("tensorrt", _build_tensorrt),
                        ("tftrt", _build_tftrt), ("triton", _build_triton)]:
     _register(_fmt, _builder)
 

@@ -40,28 +40,69 @@ def frozen_function(serve) -> tf.types.experimental.ConcreteFunction:
 def write_saved_model(model: keras.Model, signature: ModelSignature, path: Path, *,
                       freeze: bool = False,
                       warmup: Optional[Sequence[np.ndarray]] = None) -> None:
-    """Write a SavedModel with a ``serving_default`` signature (and ``serve``)."""
+    """Write a lean SavedModel with a ``serving_default`` signature (and ``serve``).
+
+    Lean: it holds what inference reads and nothing else, each tensor once.
+    Keras' own ``ExportArchive`` (behind ``model.export``) checkpoints every
+    variable twice (its ``variables`` and ``_all_variables`` lists: a
+    MobileNetV2 takes 30.3 MB for 14.2 MB of weights), and a QAT model's
+    variables include training-only state (sparsity masks, step counters).
+
+    * Float models: a ``tf.Module`` tracking exactly the variables the
+      serving graph captures, once each.
+    * QAT models and ``freeze=True``: the serving
+      graph with variables as constants; for QAT, constant-folded so each
+      masked weight is stored once, already masked (the fake-quantization
+      ops stay, as TF Serving must run them).
+
+    Both keep TF Serving's layout (``saved_model.pb``, ``variables/``).
+    """
     serve = serving_function(model, signature)
-    if freeze:
-        concrete = serve.get_concrete_function()
+    concrete = serve.get_concrete_function()
+    from tfopt.quantization import is_quantized
+
+    if freeze or is_quantized(model):
         frozen = frozen_function(serve)
         structure = concrete.structured_outputs
+        if is_quantized(model):
+            frozen = _fold_constants(frozen)
 
         def serve_frozen(*tensors):
             return tf.nest.pack_sequence_as(structure, frozen(*tensors))
 
         function = tf.function(serve_frozen, input_signature=list(signature.inputs))
-        module = tf.Module()
-        module.serve = function
-        tf.saved_model.save(module, str(path), signatures={"serving_default": function})
+        root = _root([])
+        root.serve = function
+        tf.saved_model.save(root, str(path), signatures={"serving_default": function})
     else:
-        archive = keras.export.ExportArchive()
-        archive.track(model)
-        archive.add_endpoint("serve", serve)
-        archive.add_endpoint("serving_default", serve)
-        archive.write_out(str(path), verbose=False)
+        root = _root(concrete.variables)  # each variable the serving graph reads, once
+        root.serve = serve
+        tf.saved_model.save(root, str(path), signatures={"serving_default": concrete})
     if warmup is not None:
         write_warmup_requests(path / WARMUP_FILE, signature, warmup)
+
+
+def _root(variables):
+    """The SavedModel's root object; ``loaded.variables`` lists its variables, as Keras' does."""
+    root = tf.train.Checkpoint()
+    root.variables = list(variables)
+    return root
+
+
+def _fold_constants(frozen):
+    """A frozen function's graph through Grappler's constant folding, as a function again."""
+    graph_def = frozen.graph.as_graph_def()
+    inputs = [t.name for t in frozen.inputs]
+    outputs = [t.name for t in frozen.outputs]
+    folded = _grappler_fold(graph_def, inputs, outputs)
+
+    def import_graph():
+        tf.compat.v1.import_graph_def(folded, name="")
+
+    wrapped = tf.compat.v1.wrap_function(import_graph, [])
+    graph = wrapped.graph
+    return wrapped.prune([graph.get_tensor_by_name(n) for n in inputs],
+                         [graph.get_tensor_by_name(n) for n in outputs])
 
 
 def write_warmup_requests(path: Path, signature: ModelSignature,

@@ -63,28 +63,13 @@ def build_engine(onnx_path: Path, engine_path: Path, signature: ModelSignature, 
 
 
 def run_engine(engine_path: Path, signature: ModelSignature, arrays) -> dict:
-    """Run an engine on host arrays (needs PyTorch for CUDA buffers)."""
-    import numpy as np
-    import torch
+    """Run an engine once on host arrays (export validation); ``{output: array}``.
+
+    Loads it through :func:`tfopt.artifacts._tensorrt.tensorrt_runner`, the
+    runner ``tfopt.bench`` times (needs PyTorch for CUDA buffers).
+    """
+    from tfopt.artifacts._tensorrt import tensorrt_runner
 
     trt, _ = _compat.import_tensorrt()
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(engine_path).read_bytes())
-    context = engine.create_execution_context()
-    buffers = {}
-    for spec, array in zip(signature.inputs, arrays):
-        tensor = torch.from_numpy(np.ascontiguousarray(array)).cuda()
-        context.set_input_shape(spec.name, tuple(array.shape))
-        buffers[spec.name] = tensor
-    outputs = {}
-    for name in signature.outputs:
-        shape = tuple(context.get_tensor_shape(name))
-        outputs[name] = torch.empty(shape, dtype=torch.float32, device="cuda")
-        buffers[name] = outputs[name]
-    for name, tensor in buffers.items():
-        context.set_tensor_address(name, tensor.data_ptr())
-    stream = torch.cuda.current_stream()
-    if not context.execute_async_v3(stream.cuda_stream):
-        raise ExportValidationError("TensorRT failed to run the engine.")
-    stream.synchronize()
-    return {name: t.cpu().numpy() for name, t in outputs.items()}
+    inputs = [{"name": s.name, "dtype": s.dtype.name} for s in signature.inputs]
+    return tensorrt_runner(engine_path, inputs, signature.outputs, trt=trt)(arrays)

@@ -1,0 +1,130 @@
+"""ONNX Runtime runners (CPU, and CUDA with I/O binding). Needs no TensorFlow.
+
+Imports only numpy, onnx and onnxruntime, so ``benchmarks/gpu_onnx.py`` can
+use it on a GPU machine that has no TensorFlow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from tfopt.artifacts._runner import Runner, find_manifest, manifest_io, ordered
+
+
+def onnx_precision(path: Path) -> str:
+    """``int8`` for Q/DQ graphs, ``fp16`` for float16 weights, else ``fp32``."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    if any(n.op_type == "DequantizeLinear" for n in proto.graph.node):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def cuda_available() -> bool:
+    """Whether onnxruntime can use the CUDA provider here."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=None):
+    """An InferenceSession on exactly ``provider`` (ONNX Runtime falls back silently)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    chosen = [(provider, cuda_options or {})] if provider.startswith("CUDA") else [provider]
+    sess = ort.InferenceSession(str(path), options, providers=chosen)
+    if sess.get_providers()[0] != provider:
+        raise RuntimeError(f"onnxruntime could not use {provider} for {path} (it runs on "
+                           f"{sess.get_providers()}); check the CUDA libraries.")
+    return sess
+
+
+def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[str]] = None,
+                 cuda_options: Optional[dict] = None, inputs: Optional[Sequence[str]] = None,
+                 outputs: Optional[Sequence[str]] = None) -> list[Runner]:
+    """ONNX Runtime on the CPU, and with CUDA (I/O bound to the GPU) when present.
+
+    ``cuda_options`` are CUDA execution provider options (for example
+    ``{"prefer_nhwc": "1"}``). ``inputs``/``outputs`` give the names in the
+    order the caller uses (default: the manifest beside the file, else the
+    graph's own order).
+    """
+    path = Path(path)
+    precision = onnx_precision(path)
+    if inputs is None or outputs is None:
+        spec_in, spec_out = manifest_io(find_manifest(path))
+        inputs = inputs or ([i["name"] for i in spec_in] if spec_in else None)
+        outputs = outputs or spec_out
+    if providers is None:
+        providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if cuda_available() else [])
+    runners = []
+    for provider in providers:
+        sess = session(path, provider, cuda_options)
+        names = ordered([i.name for i in sess.get_inputs()], inputs)
+        outs = ordered([o.name for o in sess.get_outputs()], outputs)
+        short = "CPU" if provider.startswith("CPU") else "CUDA"
+        spec = {"loader": "onnx", "path": str(path), "provider": provider,
+                "cuda_options": cuda_options or {}}
+        if short == "CUDA":
+            graph = (cuda_options or {}).get("enable_cuda_graph") in ("1", 1, True)
+            run = _cuda_bound_run(sess, names, outs, cuda_graph=graph)
+            fetch = _fetch_ortvalues
+        else:
+            def run(arrays, sess=sess, names=names, outs=outs):
+                return sess.run(outs, dict(zip(names, arrays)))
+            fetch = None
+        runners.append(Runner(f"{label} {precision} / ORT {short}",
+                              "ort_cpu" if short == "CPU" else "ort_cuda", path, run,
+                              precision, tuple(outs), fetch, spec))
+    return runners
+
+
+def _fetch_ortvalues(values) -> list[np.ndarray]:
+    return [v.numpy() if hasattr(v, "numpy") else np.asarray(v) for v in values]
+
+
+def _cuda_bound_run(sess, names, outputs, cuda_graph: bool = False):
+    """Inputs kept on the GPU between calls with the same arrays, outputs left there.
+
+    What is timed is the model's compute, as in a server that receives its
+    batches already on the device. With ``cuda_graph`` the output buffers are
+    allocated once too, since a captured CUDA graph replays fixed addresses.
+    """
+    import onnxruntime as ort
+
+    cache: dict = {}
+    meta = {o.name: o for o in sess.get_outputs()}
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+    def run(arrays):
+        key = tuple((id(a), a.shape) for a in arrays)
+        if cache.get("key") != key:
+            cache["key"] = key
+            cache["values"] = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
+                               for a in arrays]
+            batch = arrays[0].shape[0]
+            cache["outputs"] = [ort.OrtValue.ortvalue_from_shape_and_type(
+                [d if isinstance(d, int) else batch for d in meta[o].shape],
+                dtypes.get(meta[o].type, np.float32), "cuda", 0) for o in outputs]
+        binding = sess.io_binding()
+        for name, value in zip(names, cache["values"]):
+            binding.bind_ortvalue_input(name, value)
+        for name, value in zip(outputs, cache["outputs"]):
+            if cuda_graph:
+                binding.bind_ortvalue_output(name, value)
+            else:
+                binding.bind_output(name, "cuda")
+        sess.run_with_iobinding(binding)
+        return cache["outputs"] if cuda_graph else binding.get_outputs()
+
+    return run
