@@ -29,7 +29,8 @@ def _number(low=None, high=None, integer=False, high_open=False, low_open=False)
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(value, str) and _looks_numeric(value):
             return (f"must be {'an integer' if integer else 'a number'}, not a string (YAML "
-                    "reads 1e-3 and quoted numbers as strings: write 1.0e-3, unquoted)")
+                    "1.1 reads 1e-3 and 1.0e9 as strings: write 0.001, 1.0e-3 or 1.0e+9, "
+                    "unquoted)")
         if isinstance(value, bool) or not isinstance(value, kind):
             return f"must be {'an integer' if integer else 'a number'}"
         if not math.isfinite(value):

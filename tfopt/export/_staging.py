@@ -198,7 +198,7 @@ class Staging:
         if self.root.exists():
             _remove(self.root)
         if failed:  # a directory this export created goes again, if nothing came in
-            for path in self._created:
+            for path in reversed(self._created):  # deepest first
                 try:
                     path.rmdir()
                 except OSError:
