@@ -835,3 +835,18 @@ def test_read_only_directory_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", read_only)
     with pytest.raises(errors.ExportWriteError, match="read-only"):
         tfopt.export(tiny(), tmp_path / "new", formats=("onnx",), validation_data=X)
+
+
+def test_tensorflow_disk_full_while_writing_a_saved_model_is_a_clear_error(tmp_path,
+                                                                           monkeypatch):
+    import tensorflow as tf
+
+    from tfopt.export import _saved_model
+
+    def full(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+
+    monkeypatch.setattr(_saved_model, "write_saved_model", full)
+    with pytest.raises(errors.ExportWriteError, match="disk is full"):
+        tfopt.export(tiny(), tmp_path / "new", formats=("saved_model",), validation_data=X)
+    assert list(tmp_path.iterdir()) == []

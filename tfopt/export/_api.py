@@ -376,6 +376,11 @@ def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact
                     if isinstance(exc, TfoptError):
                         raise
                     raise _staging.write_error(exc, plan.directory) from exc
+                except tf.errors.OpError as exc:  # TensorFlow's own file writes
+                    error = _staging.disk_error(exc, plan.directory)
+                    if error is None:
+                        raise
+                    raise error from exc
             progress.update(1)
     finally:
         progress.close()

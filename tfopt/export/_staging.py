@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -40,6 +41,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from tfopt.errors import ArtifactExistsError, ExportWriteError
+
+logger = logging.getLogger(__name__)
 
 STAGING_PREFIX = ".tfopt-staging-"
 JOURNAL = ".tfopt-journal.json"
@@ -73,6 +76,17 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def disk_error(exc: Exception, directory: Path) -> Optional[ExportWriteError]:
+    """A TensorFlow write error that means a full or read-only disk, as an ExportWriteError."""
+    message = str(exc)
+    for text, code in (("No space left", errno.ENOSPC), ("Read-only file system", errno.EROFS),
+                       ("Disk quota exceeded", errno.EDQUOT),
+                       ("Permission denied", errno.EACCES)):
+        if text in message:
+            return write_error(OSError(code, text), directory)
+    return None
 
 
 def write_error(exc: OSError, directory: Path) -> ExportWriteError:
@@ -178,7 +192,12 @@ class Staging:
                     pass
             fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    logger.warning("Another export into %s is running; waiting for it to "
+                                   "finish.", self.directory)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
                 here = os.stat(self.directory)
             except FileNotFoundError:  # the export holding the lock removed the folder
                 os.close(fd)

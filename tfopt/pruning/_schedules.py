@@ -162,7 +162,7 @@ class PolynomialDecay(PruningSchedule):
             )
         if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
                 0 < power < float("inf")):  # NaN fails this too
-            raise ConfigError(f"power must be a positive finite number, got {power!r}; "
+            raise ConfigError(f"power must be a positive number (and finite), got {power!r}; "
                               "tfmot's default is 3.")
         self.power = float(power)
 
