@@ -31,32 +31,6 @@ def _load_failed(path, exc) -> ArtifactLoadError:
         "file is truncated or not what its name says; export it again.")
 
 
-def _onnx_summary(path: Path) -> str:
-    import onnx
-    from onnx import numpy_helper
-
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
-        raise _load_failed(path, exc) from None
-    rows = [f"{'initializer':<60}{'shape':<20}{'dtype':<10}{'zeros':>8}"]
-    for init in proto.graph.initializer:
-        value = numpy_helper.to_array(init)
-        if value.size < 2:
-            continue
-        rows.append(f"{init.name[:59]:<60}{str(tuple(value.shape)):<20}{value.dtype.name:<10}"
-                    f"{100 * float(np.mean(value == 0)):>7.1f}%")
-    ops: dict[str, int] = {}
-    for node in proto.graph.node:
-        ops[node.op_type] = ops.get(node.op_type, 0) + 1
-    qdq = ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0)
-    io = ", ".join(f"{v.name}" for v in proto.graph.input)
-    rows.append(f"\nopset {proto.opset_import[0].version if proto.opset_import else '?'}, "
-                f"{len(proto.graph.node)} nodes, {qdq} Q/DQ; inputs: {io}; outputs: "
-                + ", ".join(o.name for o in proto.graph.output))
-    return "\n".join(rows)
-
-
 def _export_summary(path: Path) -> str:
     import json
 
@@ -136,4 +110,39 @@ def _saved_model_summary(path: Path) -> str:
                   for k, v in serving.structured_input_signature[1].items()}
         outputs = {k: (tuple(v.shape), v.dtype.name) for k, v in serving.structured_outputs.items()}
         rows.append(f"\nserving_default: inputs {inputs}, outputs {outputs}")
+    return "\n".join(rows)
+
+
+def _onnx_summary(path: Path) -> str:
+    """Inputs, outputs, Q/DQ placement and how ONNX Runtime's CPU provider runs it."""
+    import onnx
+
+    from tfopt.export import _ort_quant
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise _load_failed(path, exc) from None
+
+    def describe(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    initializers = {i.name for i in proto.graph.initializer}
+    rows = [f"{path.name}: opset {max(o.version for o in proto.opset_import)}, "
+            f"{len(proto.graph.node)} nodes",
+            f"inputs {describe(proto.graph.input)}, outputs {describe(proto.graph.output)}"]
+    placement = _ort_quant.placement(proto)
+    if placement is None:
+        rows.append("no Q/DQ: a float graph")
+    else:
+        weights = sum(1 for n in proto.graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in initializers)
+        rows.append(f"int8 Q/DQ, {weights} quantized weights, placed for {placement}")
+    report = _ort_quant.kernel_report(path)
+    rows.append(f"ONNX Runtime CPU: {report['integer']} of {report['total']} "
+                "convolutions/matrix products run as integer kernels"
+                + (f" {report['ops']}" if report["ops"] else ""))
+    if report["float"] and placement is not None:
+        rows.append(f"in float: {', '.join(report['float'])}")
     return "\n".join(rows)

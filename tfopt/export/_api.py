@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -19,13 +20,17 @@ import tfopt
 from tfopt import _checks, _compat
 from tfopt._quiet import third_party_quiet
 from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError, TfoptError
-from tfopt.export import _onnx, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton
+from tfopt.export import (
+    _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
+)
 from tfopt.export._validate import compare, sizes
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("saved_model", "frozen_graph", "onnx", "tensorrt", "tftrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
+# Where an INT8 ONNX puts its Q/DQ, by the engine that runs it as integer kernels.
+PLACEMENTS = ("onnxruntime", "tensorrt")
 
 
 @dataclasses.dataclass
@@ -74,7 +79,8 @@ def export(model, directory: Union[str, os.PathLike], *,
            input_signature=None, validation_data=None, version: int = 1,
            overwrite: bool = False, freeze: bool = False, warmup: bool = False,
            opset: int = _onnx.DEFAULT_OPSET, batch_sizes: tuple[int, int, int] = (1, 8, 64),
-           name: Optional[str] = None, tolerance: Optional[float] = None) -> ExportResult:
+           name: Optional[str] = None, tolerance: Optional[float] = None,
+           placement: str = "onnxruntime") -> ExportResult:
     """Export a Keras model for serving and check every artifact against it.
 
     Artifacts (``formats``), under ``directory``:
@@ -87,10 +93,12 @@ def export(model, directory: Union[str, os.PathLike], *,
     * ``frozen_graph``: ``frozen_graph.pb``, a GraphDef with constants and
       BatchNorm folded.
     * ``onnx``: ``model.onnx`` through tf2onnx (opset ``opset``); FP16 inside
-      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models.
+      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models,
+      placed for the engine named by ``placement``.
     * ``tensorrt``: ``model.plan``, a TensorRT engine built from the ONNX
-      (needs the ``tensorrt`` package and a GPU), with a batch profile
-      ``batch_sizes=(min, opt, max)`` and ``timing.cache`` reused across runs.
+      in TensorRT's placement (needs the ``tensorrt`` package and a GPU),
+      with a batch profile ``batch_sizes=(min, opt, max)`` and
+      ``timing.cache`` reused across runs.
     * ``tftrt``: ``tftrt/<version>/``, only where TensorFlow has TensorRT.
     * ``triton``: ``triton/<name>/``, a Triton model repository serving the ONNX.
 
@@ -118,6 +126,16 @@ def export(model, directory: Union[str, os.PathLike], *,
         tolerance: Allowed error relative to each output's largest magnitude,
             replacing the precision's default (fp32 1e-4, fp16 2e-2, int8 5e-2,
             each plus a small absolute floor).
+        placement: For QAT models, where the ONNX puts its Q/DQ.
+            ``"onnxruntime"`` (default): BatchNormalization folded into the
+            convolutions, a Q after each one, uint8 activations and int32
+            biases, the form ONNX Runtime's CPU provider and OpenVINO run as
+            integer kernels (ranges QAT did not train are calibrated on
+            ``validation_data``). ``"tensorrt"``: int8 Q/DQ with zero points
+            0 on the inputs and weights of each layer and both inputs of
+            residual adds, BatchNormalization left for TensorRT to fuse
+            (what ``trtexec`` and Triton's TensorRT backend build from; slow
+            on ONNX Runtime's CPU provider). The manifest records which.
 
     Returns:
         An :class:`ExportResult`.
@@ -130,7 +148,8 @@ def export(model, directory: Union[str, os.PathLike], *,
     plan = _plan(model, directory, formats=formats, precision=precision,
                  input_signature=input_signature, validation_data=validation_data,
                  version=version, overwrite=overwrite, freeze=freeze, warmup=warmup,
-                 opset=opset, batch_sizes=batch_sizes, name=name, tolerance=tolerance)
+                 opset=opset, batch_sizes=batch_sizes, name=name, tolerance=tolerance,
+                 placement=placement)
     stage = _staging.Staging(plan.directory, [*plan.targets.values(), "manifest.json",
                                              "timing.cache"],
                              overwrite, owned=_owned(plan), keep=("timing.cache",))
@@ -172,6 +191,7 @@ class ExportPlan:
     name: str
     version: int
     tolerance: Optional[float]
+    placement: str
 
     def target(self, fmt: str) -> str:
         return _targets(self.name, self.version)[fmt]
@@ -223,7 +243,8 @@ def _is_relative(path) -> bool:
 
 
 def _plan(model, directory, *, formats, precision, input_signature, validation_data, version,
-          overwrite, freeze, warmup, opset, batch_sizes, name, tolerance) -> ExportPlan:
+          overwrite, freeze, warmup, opset, batch_sizes, name, tolerance,
+          placement) -> ExportPlan:
     if not isinstance(model, keras.Model):
         kind = _compat.check_keras_model(model)  # raises for anything else
         if kind == "tf_keras":
@@ -238,6 +259,10 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
     formats = _check_formats(formats)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"Unknown precision {precision!r}. Valid: {list(PRECISIONS)}.")
+    if not isinstance(placement, str) or placement not in PLACEMENTS:
+        raise ConfigError(
+            f"Unknown placement {placement!r}. Valid: {list(PLACEMENTS)}: 'onnxruntime' for "
+            "ONNX Runtime's CPU provider and OpenVINO, 'tensorrt' for TensorRT.")
     for flag, value in (("overwrite", overwrite), ("freeze", freeze), ("warmup", warmup)):
         _checks.boolean(flag, value)
     version = _checks.number("version", version, low=1, integer=True,
@@ -285,7 +310,7 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
     chosen = {f: _targets(name, version)[f] for f in formats}
     return ExportPlan(model, Path(directory), formats, chosen, precision, quantized, signature,
                       feed, reference, validation_data is not None, freeze, warmup, opset,
-                      batch_sizes, name, version, tolerance)
+                      batch_sizes, name, version, tolerance, placement)
 
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -502,10 +527,28 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     info = {"opset": plan.opset}
     if plan.quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
+        info["qdq_placement"] = plan.placement
+        if plan.placement == "onnxruntime":
+            proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
+    if plan.quantized:
+        info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
     return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info)
+
+
+def _kernel_report(path: Path, placement: str) -> dict:
+    """Which compute ops ONNX Runtime's CPU provider runs as integer kernels; warn about the rest."""
+    report = _ort_quant.kernel_report(path)
+    left = report["float"]
+    if left and placement == "onnxruntime":
+        warnings.warn(
+            f"{len(left)} of {report['total']} convolutions/matrix products run in float on "
+            f"ONNX Runtime's CPU provider: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}. "
+            "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.",
+            stacklevel=5)  # _kernel_report, _build_onnx, _build, export, the caller
+    return {"integer": report["integer"], "total": report["total"], "ops": report["ops"]}
 
 
 def _build_tensorrt(plan, serve, path, built, stage) -> BuiltArtifact:
@@ -516,7 +559,14 @@ def _build_tensorrt(plan, serve, path, built, stage) -> BuiltArtifact:
     from tfopt.pruning import sparsity as _sparsity
 
     sparse = _has_two_four(plan.model, _sparsity)
-    _tensorrt.build_engine(built["onnx"].path, path, plan.signature, precision=plan.precision,
+    if plan.quantized and plan.placement != "tensorrt":
+        # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
+        onnx_path = path.with_name("tensorrt-placement.onnx")
+        _onnx.save(_onnx.convert(serve, plan.signature, opset=plan.opset, quantized=True),
+                   onnx_path)
+    else:
+        onnx_path = built["onnx"].path
+    _tensorrt.build_engine(onnx_path, path, plan.signature, precision=plan.precision,
                            batch_sizes=plan.batch_sizes, sparse_weights=sparse,
                            timing_cache=cache)
     signature = plan.signature
