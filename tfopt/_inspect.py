@@ -6,16 +6,52 @@ from pathlib import Path
 
 import numpy as np
 
+from tfopt.errors import ArtifactLoadError
+
 
 def summary(path: Path) -> str:
     path = Path(path)
     if path.suffix == ".keras":
         return _keras_summary(path)
-    if path.suffix == ".onnx":
+    if path.suffix == ".onnx" and path.is_file():
         return _onnx_summary(path)
     if (path / "saved_model.pb").exists():
         return _saved_model_summary(path)
-    raise ValueError(f"{path} is neither a .keras file, an .onnx file nor a SavedModel folder.")
+    if (path / "manifest.json").is_file():
+        return _export_summary(path)
+    raise ArtifactLoadError(
+        f"{path} is not something tfopt inspect reads: pass a .keras file, an .onnx file, "
+        "a SavedModel folder (with saved_model.pb) or a tfopt export folder (with "
+        "manifest.json).")
+
+
+def _load_failed(path, exc) -> ArtifactLoadError:
+    return ArtifactLoadError(
+        f"cannot read {path}: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}. The "
+        "file is truncated or not what its name says; export it again.")
+
+
+def _export_summary(path: Path) -> str:
+    import json
+
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+        artifacts = manifest["artifacts"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise _load_failed(path / "manifest.json", exc) from None
+    rows = [f"tfopt export of {manifest.get('model', '?')!r}, precision "
+            f"{manifest.get('precision', '?')}, created {manifest.get('created', '?')}"]
+    errors = manifest.get("validation", {}).get("errors", {})
+    for fmt, info in artifacts.items():
+        worst = max((e.get("max_abs", 0.0) for e in errors.get(fmt, {}).values()), default=None)
+        size = manifest.get("sizes", {}).get(fmt, {}).get("raw")
+        rows.append(f"  {fmt:<14}{info.get('path', '?'):<28}"
+                    f"{'' if size is None else f'{size:,} bytes':>16}"
+                    f"{'' if worst is None else f'  max |diff| {worst:.2e}'}")
+    sparsity = manifest.get("sparsity") or {}
+    if sparsity:
+        rows.append("sparsity: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sparsity.items()))
+    return "\n".join(rows)
 
 
 def _keras_summary(path: Path) -> str:
@@ -26,7 +62,10 @@ def _keras_summary(path: Path) -> str:
     from tfopt.pruning import PruneLowMagnitude
     from tfopt.quantization import QuantizeInputs, QuantizeWrapper
 
-    model = keras.models.load_model(path)
+    try:
+        model = keras.models.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - zipfile, h5py, Keras: all mean the same here
+        raise _load_failed(path, exc) from None
     sparsity = tfopt.sparsity(model)
     rows = [f"{'layer':<40}{'type':<22}{'params':>10}{'zeros':>8}  quantization"]
     for layer_path, layer in _tree.walk(model, stop=lambda la: isinstance(
@@ -56,7 +95,10 @@ def _keras_summary(path: Path) -> str:
 def _saved_model_summary(path: Path) -> str:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(str(path))
+    try:
+        loaded = tf.saved_model.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - TF's DecodeError, OSError, ...
+        raise _load_failed(path, exc) from None
     rows = [f"{'variable':<60}{'shape':<20}{'zeros':>8}"]
     for variable in sorted(loaded.variables, key=lambda v: v.name):
         value = variable.numpy()
@@ -77,7 +119,10 @@ def _onnx_summary(path: Path) -> str:
 
     from tfopt.export import _ort_quant
 
-    proto = onnx.load(str(path), load_external_data=False)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+        raise _load_failed(path, exc) from None
 
     def describe(values):
         return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]

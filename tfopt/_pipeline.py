@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -15,53 +16,147 @@ import numpy as np
 import tfopt
 from tfopt import _recipe
 from tfopt._recipe import Recipe, RecipeError
+from tfopt.errors import BackendUnavailableError, ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-def load_model(spec: dict) -> keras.Model:
-    source, args = spec["source"], spec.get("args") or {}
+def _model_factory(spec: dict):
+    """``(callable, args, label)`` that builds the recipe's model; nothing is built yet."""
+    source, args = spec["source"], dict(spec.get("args") or {})
     if source == "digits_cnn":
         from tfopt.examples import digits_cnn
 
-        return digits_cnn(**args)
+        return digits_cnn, args, "digits_cnn"
     if source.startswith("keras.applications."):
         name = source.rsplit(".", 1)[1]
         factory = getattr(keras.applications, name, None)
-        if factory is None:
-            raise RecipeError(f"model.source: keras.applications has no {name!r}.")
-        args = {**args}
-        if "input_shape" in args:
+        if factory is None or not callable(factory) or name.startswith("_"):
+            raise RecipeError(f"model.source: keras.applications has no {name!r}. Use a name "
+                              "like keras.applications.MobileNetV2.")
+        if "input_shape" in args and isinstance(args["input_shape"], list):
             args["input_shape"] = tuple(args["input_shape"])
-        return factory(**args)
+        return factory, args, source
     if source.endswith(".keras"):
+        if args:
+            raise RecipeError(f"model.args {sorted(args)}: a .keras file takes no arguments; "
+                              "remove model.args.")
         if not Path(source).is_file():
-            raise RecipeError(f"model.source: no file {source!r}.")
-        return keras.models.load_model(source)
+            raise RecipeError(f"model.source: no file {source!r}. Give the path of a .keras "
+                              "model, relative to where tfopt runs.")
+        return keras.models.load_model, {"filepath": source}, source
     if ":" in source:
-        return _recipe.import_entry_point(source)(**args)
+        return _recipe.import_entry_point(source), args, source
     raise RecipeError(
         f"model.source {source!r}: use 'digits_cnn', 'keras.applications.NAME', a .keras "
         "file, or 'module:function'.")
 
 
-def load_data(spec: dict):
-    source, args = spec["source"], spec.get("args") or {}
+def _synthetic(shape=(8, 8, 1), classes=10, train_samples=64, test_samples=32, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        return (rng.uniform(size=(n, *shape)).astype("float32"),
+                rng.integers(0, classes, n).astype("int32"))
+
+    return make(train_samples), make(test_samples)
+
+
+def _check_synthetic(args: dict) -> dict:
+    from tfopt import _checks
+
+    args = dict(args)
+    try:
+        if "shape" in args:
+            shape = args["shape"]
+            if not isinstance(shape, list) or not shape:
+                raise ConfigError(f"shape must be a list of positive integers, got {shape!r}")
+            args["shape"] = tuple(_checks.number("data.args.shape item", d, low=1, high=4096,
+                                                 integer=True) for d in shape)
+        for key, low in (("classes", 2), ("train_samples", 1), ("test_samples", 1),
+                         ("seed", 0)):
+            if key in args:
+                args[key] = _checks.number(f"data.args.{key}", args[key], low=low,
+                                           high=10_000_000, integer=True)
+    except ConfigError as exc:
+        raise RecipeError(f"data (synthetic): {exc}") from None
+    return args
+
+
+def _data_factory(spec: dict):
+    source, args = spec["source"], dict(spec.get("args") or {})
     if source == "digits":
-        return tfopt.datasets.load_digits(**args)
+        return tfopt.datasets.load_digits, args, "digits"
     if source == "synthetic":
-        shape = tuple(args.get("shape", (8, 8, 1)))
-        classes = int(args.get("classes", 10))
-        rng = np.random.default_rng(int(args.get("seed", 0)))
-
-        def make(n):
-            return (rng.uniform(size=(n, *shape)).astype("float32"),
-                    rng.integers(0, classes, n).astype("int32"))
-
-        return make(int(args.get("train_samples", 64))), make(int(args.get("test_samples", 32)))
+        return _synthetic, args, "synthetic"
     if ":" in source:
-        return _recipe.import_entry_point(source)(**args)
+        return _recipe.import_entry_point(source), args, source
     raise RecipeError(f"data.source {source!r}: use 'digits', 'synthetic' or 'module:function'.")
+
+
+def _check_arguments(section: str, factory, args: dict, label: str) -> None:
+    """``section.args`` must fit the factory's signature: checked before any work."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let it say
+        return
+    try:
+        signature.bind(**args)
+    except TypeError as exc:
+        accepted = [n for n, p in signature.parameters.items()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise RecipeError(
+            f"{section}.args do not fit {label}: {exc}. It accepts: "
+            f"{', '.join(accepted) or 'no arguments'}; fix or remove the others.") from None
+
+
+def check_ready(recipe: Recipe) -> None:
+    """Everything that can fail before training, checked before training.
+
+    Model and data factories are resolved (their modules imported) and their
+    arguments bound to their signatures; the backends that the export needs
+    (TensorRT and a GPU, TF-TRT, Triton's protobufs) are looked up.
+    """
+    spec = recipe.spec
+    factory, args, label = _model_factory(spec["model"])
+    if factory is not keras.models.load_model:
+        _check_arguments("model", factory, args, label)
+    factory, args, label = _data_factory(spec["data"])
+    if factory is _synthetic:
+        _check_synthetic(args)
+    _check_arguments("data", factory, args, label)
+    formats = (spec.get("export") or {}).get("formats", ())
+    from tfopt import _compat
+
+    if "tensorrt" in formats:
+        _compat.import_tensorrt()
+        import tensorflow as tf
+
+        if not tf.config.list_physical_devices("GPU"):
+            raise BackendUnavailableError(
+                "export.formats lists tensorrt, which builds its engine on a GPU, and "
+                "TensorFlow sees none here. Run the recipe on a machine with an NVIDIA GPU, "
+                "or remove tensorrt from export.formats.")
+    if "tftrt" in formats and not _compat.tensorflow_has_tensorrt():
+        raise BackendUnavailableError(
+            "export.formats lists tftrt, but this TensorFlow was built without TensorRT "
+            "(true of every pip build since 2.18). Use the tensorrt format instead.")
+    if "triton" in formats:
+        from tfopt.export import _triton
+
+        _triton._model_config_pb2()
+
+
+def load_model(spec: dict) -> keras.Model:
+    factory, args, label = _model_factory(spec)
+    return factory(**args)
+
+
+def load_data(spec: dict):
+    factory, args, label = _data_factory(spec)
+    if factory is _synthetic:
+        args = _check_synthetic(args)
+    return factory(**args)
 
 
 def _compile(model, learning_rate: float):
@@ -78,11 +173,20 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     """Execute a validated recipe; write the report into ``output``; return metrics."""
     spec = recipe.spec
     output = Path(output)
+    check_ready(recipe)
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     keras.utils.set_random_seed(int(spec.get("seed", 0)))
     model = load_model(spec["model"])
-    (x, y), (x_test, y_test) = load_data(spec["data"])
+    data = load_data(spec["data"])
+    try:
+        (x, y), (x_test, y_test) = data
+        if len(x) != len(y) or len(x_test) != len(y_test) or not len(x) or not len(x_test):
+            raise ValueError("lengths")
+    except (TypeError, ValueError):
+        raise RecipeError(
+            f"data.source {spec['data']['source']!r} must return ((x, y), (x_test, y_test)), "
+            "non-empty arrays with one label per row.") from None
     metrics: dict = {"recipe": str(recipe.path), "name": spec["name"], "steps": []}
 
     def step(name):

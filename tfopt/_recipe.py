@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import numbers
+import re
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,14 +27,37 @@ class RecipeError(ConfigError):
 def _number(low=None, high=None, integer=False, high_open=False, low_open=False):
     def check(value):
         kind = numbers.Integral if integer else numbers.Real
+        if isinstance(value, str) and _looks_numeric(value):
+            return (f"must be {'an integer' if integer else 'a number'}, not a string (YAML "
+                    "1.1 reads 1e-3 and 1.0e9 as strings: write 0.001, 1.0e-3 or 1.0e+9, "
+                    "unquoted)")
         if isinstance(value, bool) or not isinstance(value, kind):
             return f"must be {'an integer' if integer else 'a number'}"
+        if not math.isfinite(value):
+            return "must be a finite number"
         if low is not None and (value < low or (low_open and value == low)):
             return f"must be {'>' if low_open else '>='} {low}"
         if high is not None and (value > high or (high_open and value == high)):
             return f"must be {'<' if high_open else '<='} {high}"
         return None
     return check
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _name(value):
+    if not isinstance(value, str):
+        return "must be a string"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", value) or ".." in value:
+        return ("must be a plain folder name (letters, digits, '_', '-', '.'; no '/' or "
+                "'..'): it names the output folder runs/<name>")
+    return None
 
 
 def _string(choices=None):
@@ -74,7 +99,7 @@ RATE = _number(0, low_open=True)
 
 # section -> {key: (check, required)}
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
-    "": {"name": (_string(), True), "seed": (_number(0, integer=True), False),
+    "": {"name": (_name, True), "seed": (_number(0, integer=True), False),
          "model": (_mapping, True), "data": (_mapping, True), "train": (_mapping, False),
          "prune": (_mapping, False), "quantize": (_mapping, False), "export": (_mapping, False),
          "bench": (_mapping, False)},
@@ -99,7 +124,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
                "opset": (_number(13, 21, integer=True), False),
                "placement": (_string(("onnxruntime", "tensorrt")), False)},
     "bench": {"batch_sizes": (_list_of(POSITIVE_INT), False), "repeats": (POSITIVE_INT, False),
-              "warmup": (EPOCHS, False), "min_seconds": (_number(0), False),
+              "warmup": (EPOCHS, False), "min_seconds": (_number(0, 3600), False),
               "openvino_modes": (_list_of(_string(("latency", "throughput"))), False),
               "memory": (_boolean, False)},
 }
@@ -114,6 +139,24 @@ class Recipe:
 
     def section(self, name: str) -> Optional[dict]:
         return self.spec.get(name)
+
+
+def _duplicate_keys(node, prefix=()) -> list[tuple[str, int, int]]:
+    """``(dotted key, line, first line)`` for every key repeated in one mapping."""
+    found = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict = {}
+        for key_node, value_node in node.value:
+            key = prefix + (str(key_node.value),)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                found.append((".".join(key), line, seen[key]))
+            seen.setdefault(key, line)
+            found += _duplicate_keys(value_node, key)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            found += _duplicate_keys(item, prefix)
+    return found
 
 
 def _line_map(node, prefix=(), lines=None) -> dict:
@@ -133,12 +176,22 @@ def load(path) -> Recipe:
     if not path.is_file():
         raise RecipeError(f"No recipe at {path}. Pass the path of a YAML recipe, e.g. "
                           "recipes/digits_prune_qat.yaml.")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"Cannot read the recipe {path}: {exc}. Pass a UTF-8 YAML file.") \
+            from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicates = _duplicate_keys(node)
         spec = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(exc).split())}. Fix the "
+                          "syntax at the line shown (indentation, a missing ':').") from None
+    if duplicates:
+        raise RecipeError("Recipe has problems:\n  " + "\n  ".join(
+            f"{path}:{line}: key '{key}' appears twice (first at line {first}); keep one"
+            for key, line, first in duplicates))
     if not isinstance(spec, dict):
         raise RecipeError(f"{path}: a recipe is a mapping with at least 'name', 'model' and "
                           "'data'.")
@@ -153,7 +206,7 @@ def load(path) -> Recipe:
         schema = SCHEMA[name]
         for key, value in values.items():
             full = key_path + (key,)
-            dotted = ".".join(full)
+            dotted = ".".join(map(str, full))
             if key not in schema:
                 problems.append(f"{where(full)}: unknown key '{dotted}' (known: "
                                 f"{', '.join(sorted(schema))})")
@@ -165,14 +218,15 @@ def load(path) -> Recipe:
                 check_section(key, value, full)
         for key, (_, required) in schema.items():
             if required and key not in values:
-                label = ".".join(key_path + (key,))
+                label = ".".join(map(str, key_path + (key,)))
                 problems.append(f"{where(key_path) if key_path else path}: missing "
                                 f"required key '{label}'")
 
     check_section("", spec, ())
     prune = spec.get("prune") or {}
     if isinstance(prune, dict) and prune.get("n_m") and isinstance(prune["n_m"], list) \
-            and len(prune["n_m"]) == 2 and prune["n_m"][0] >= prune["n_m"][1]:
+            and len(prune["n_m"]) == 2 and all(isinstance(v, int) for v in prune["n_m"]) \
+            and prune["n_m"][0] >= prune["n_m"][1]:
         problems.append(f"{where(('prune', 'n_m'))}: 'prune.n_m' needs n < m (n zeros in every "
                         f"m weights), got {prune['n_m']}")
     if problems:
@@ -183,8 +237,15 @@ def load(path) -> Recipe:
 def import_entry_point(spec: str):
     """``package.module:function`` -> the function."""
     module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise RecipeError(f"Entry point {spec!r} must look like 'package.module:function'.")
     try:
         module = importlib.import_module(module_name)
-        return getattr(module, attr)
+        function = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
-        raise RecipeError(f"Cannot import entry point {spec!r}: {exc}") from None
+        raise RecipeError(f"Cannot import entry point {spec!r}: {exc}. Check the module is "
+                          "importable (on PYTHONPATH) and defines that function.") from None
+    if not callable(function):
+        raise RecipeError(f"Entry point {spec!r} is a {type(function).__name__}, not a "
+                          "function.")
+    return function

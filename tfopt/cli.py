@@ -1,7 +1,9 @@
 """The ``tfopt`` command: run recipes, export, benchmark and inspect models.
 
-Exit codes: 0 on success; 2 with a one-line reason on stderr for bad input
-(a missing file, a bad recipe, an invalid option); 1 for other tfopt errors.
+Exit codes: 0 on success; 2 with one line on stderr (what failed, why, what to
+do) for anything that goes wrong: a missing or truncated file, a bad recipe,
+an invalid option, a missing backend, a full disk; the traceback only with
+``--debug``. 130 on Ctrl-C, after putting files back as they were.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -18,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tfopt", description="Make Keras models smaller and faster to serve.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only print results")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run a recipe: train, prune, quantize, export, bench",
@@ -47,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--inputs", help=".npy inputs (default: random, shaped like the model)")
     bench.add_argument("--labels", help=".npy integer labels, for an accuracy column")
-    bench.add_argument("--repeats", type=int, default=20)
+    bench.add_argument("--repeats", default="20", help="timed calls per batch size (>= 1)")
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.add_argument("--plot", help="also write a latency/size bar chart (PNG) here")
     bench.add_argument("--openvino-modes", default="latency",
@@ -73,19 +78,47 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("tf2onnx", "tensorflow", "absl"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    from tfopt.errors import TfoptError
-
     try:
         return _COMMANDS[args.command](args)
-    except (UsageError, FileNotFoundError, TfoptError) as exc:
-        # A user mistake (bad file, recipe or option) is 2; a missing backend 1.
-        mistake = isinstance(exc, (UsageError, FileNotFoundError, ValueError, TypeError))
-        print(f"tfopt {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return 2 if mistake else 1
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"tfopt {args.command}: interrupted; files being written were left as they "
+              "were.", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the command's one place for every failure
+        if args.debug:
+            traceback.print_exc()
+        print(f"tfopt {args.command}: error: {_describe(exc, args.debug)}", file=sys.stderr)
+        return 2
+
+
+def _describe(exc: BaseException, debug: bool) -> str:
+    """One line: what failed, why, what to do."""
+    from tfopt.errors import TfoptError
+
+    if isinstance(exc, (UsageError, TfoptError)):
+        return _one_line(exc)
+    if isinstance(exc, MemoryError):
+        return ("out of memory. Use smaller batch sizes or fewer inputs, or a machine with "
+                "more memory.")
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return (f"{exc.strerror or exc} ({exc.filename or 'a file'}). Check the path, the "
+                "permissions and the free disk space.")
+    hint = "" if debug else " Rerun with --debug for the traceback;"
+    return (f"unexpected {type(exc).__name__}: {_one_line(exc)[:400]}.{hint} if the inputs "
+            "look right, please report it.")
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _positive_int(value: str, option: str) -> int:
+    text = value.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{option} takes a positive integer, got {value!r}")
+    return int(text)
 
 
 def _cmd_run(args) -> int:
@@ -93,6 +126,8 @@ def _cmd_run(args) -> int:
 
     recipe = _recipe.load(args.recipe)  # validated before any work
     output = Path(args.output or Path("runs") / recipe.spec["name"])
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} is a file; pass a folder (created if missing)")
     metrics = _pipeline.run(recipe, output, verbose=0 if args.quiet else 1)
     print(metrics["headline"])
     print(f"Report: {output / 'report.md'}")
@@ -106,19 +141,45 @@ def _load_array(path: Optional[str], what: str):
         return None
     if not Path(path).is_file():
         raise UsageError(f"{what}: no file {path}")
-    return np.load(path)
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise UsageError(f"{what}: {path} is not a readable .npy file ({_one_line(exc)[:200]}). "
+                         "Save the array with numpy.save('x.npy', x).") from None
+    if not isinstance(array, np.ndarray):  # an .npz archive
+        raise UsageError(f"{what}: {path} is an .npz archive; pass one .npy array "
+                         "(numpy.save('x.npy', x)).")
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"{what}: {path} holds {array.dtype} values; pass numbers.")
+    if array.ndim == 0 or len(array) == 0:
+        raise UsageError(f"{what}: {path} is empty (shape {array.shape}); pass a batch of "
+                         "samples.")
+    return array
 
 
 def _load_keras(path: str):
     import keras
 
     import tfopt  # noqa: F401 - registers tfopt's serializable classes
+    from tfopt.errors import ArtifactLoadError
 
     if not Path(path).exists():
         raise UsageError(f"no model at {path}")
-    if not path.endswith(".keras"):
+    if not str(path).endswith(".keras"):
         raise UsageError(f"{path} is not a .keras file (save with model.save('m.keras'))")
-    return keras.models.load_model(path)
+    if not Path(path).is_file():
+        raise UsageError(f"{path} is a folder, not a .keras file (save with "
+                         "model.save('m.keras'))")
+    try:
+        from tfopt._quiet import third_party_quiet
+
+        with third_party_quiet():
+            return keras.models.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - zipfile, h5py, Keras: all mean the same here
+        raise ArtifactLoadError(
+            f"cannot load {path}: {type(exc).__name__}: {_one_line(exc)[:200]}. The file is "
+            "truncated or not a Keras 3 model; save it again with model.save('m.keras') "
+            "(custom layers must be importable and registered).") from None
 
 
 def _cmd_export(args) -> int:
@@ -137,10 +198,8 @@ def _cmd_bench(args) -> int:
 
     import tfopt
 
-    try:
-        batches = [int(b) for b in args.batch.split(",")]
-    except ValueError:
-        raise UsageError(f"--batch takes comma-separated integers, got {args.batch!r}") from None
+    batches = [_positive_int(b, "--batch") for b in args.batch.split(",")]
+    repeats = _positive_int(args.repeats, "--repeats")
     modes = tuple(m.strip() for m in args.openvino_modes.split(",") if m.strip())
     if not modes or any(m not in ("latency", "throughput") for m in modes):
         raise UsageError(f"--openvino-modes takes latency and/or throughput, got "
@@ -149,16 +208,21 @@ def _cmd_bench(args) -> int:
     for item in args.artifacts:
         if not Path(item).exists():
             raise UsageError(f"no artifact at {item}")
-        artifacts.extend(tfopt.bench.runners_for(item, openvino_modes=modes,
-                                                 openvino_from_onnx=True))
+        artifacts.extend(_runners(item, openvino_modes=modes))
     inputs = _load_array(args.inputs, "--inputs")
     if inputs is None:
         shape = _input_shape(args.artifacts[0])
+        if not shape or any(not d for d in shape):
+            raise UsageError(f"{args.artifacts[0]} has a dynamic input shape {shape}: pass "
+                             "--inputs x.npy with real inputs")
         print(f"No --inputs: timing random inputs of shape {shape}.", file=sys.stderr)
         inputs = np.random.default_rng(0).uniform(size=(max(batches), *shape)).astype("float32")
-    report = tfopt.bench.run(artifacts, inputs, batch_sizes=batches, repeats=args.repeats,
-                             labels=_load_array(args.labels, "--labels"),
-                             memory=not args.no_memory)
+    labels = _load_array(args.labels, "--labels")
+    if labels is not None and len(labels) != len(inputs):
+        raise UsageError(f"--labels has {len(labels)} labels for {len(inputs)} inputs; pass one "
+                         "integer label per input row.")
+    report = tfopt.bench.run(artifacts, inputs, batch_sizes=batches, repeats=repeats,
+                             labels=labels, memory=not args.no_memory)
     print(report.table())
     if args.json:
         report.write_json(args.json)
@@ -167,25 +231,49 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def _runners(item: str, openvino_modes):
+    import tfopt
+    from tfopt.errors import ArtifactLoadError, TfoptError
+
+    if item.endswith(".keras"):
+        return tfopt.bench.runners_for(_load_keras(item), Path(item).stem)
+    try:
+        return tfopt.bench.runners_for(item, openvino_modes=openvino_modes,
+                                       openvino_from_onnx=True)
+    except TfoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - onnx, onnxruntime, TF loaders alike
+        raise ArtifactLoadError(
+            f"cannot load {item}: {type(exc).__name__}: {_one_line(exc)[:200]}. The file is "
+            "truncated or not what its name says; export it again with tfopt export.") from None
+
+
 def _input_shape(artifact: str) -> tuple:
     path = Path(artifact)
-    if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
-        from tfopt.artifacts._openvino import _core, model_path
+    try:
+        if path.suffix == ".xml" or (path.is_dir() and any(path.glob("*.xml"))):
+            from tfopt.artifacts._openvino import _core, model_path
 
-        shape = _core().read_model(str(model_path(path))).inputs[0].get_partial_shape()
-        return tuple(d.get_length() for d in list(shape)[1:])
-    if path.suffix == ".onnx":
-        import onnx
+            shape = _core().read_model(str(model_path(path))).inputs[0].get_partial_shape()
+            return tuple(d.get_length() for d in list(shape)[1:])
+        if path.suffix == ".onnx":
+            import onnx
 
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
-        return tuple(d.dim_value for d in dims[1:])
-    if path.suffix == ".keras":
-        return tuple(_load_keras(artifact).inputs[0].shape[1:])
-    import tensorflow as tf
+            graph = onnx.load(str(path), load_external_data=False).graph
+            dims = graph.input[0].type.tensor_type.shape.dim
+            return tuple(d.dim_value for d in dims[1:])
+        if path.suffix == ".keras":
+            return tuple(_load_keras(artifact).inputs[0].shape[1:])
+        import tensorflow as tf
 
-    serving = tf.saved_model.load(str(path)).signatures["serving_default"]
-    spec = next(iter(serving.structured_input_signature[1].values()))
-    return tuple(spec.shape[1:])
+        serving = tf.saved_model.load(str(path)).signatures["serving_default"]
+        spec = next(iter(serving.structured_input_signature[1].values()))
+        return tuple(spec.shape[1:])
+    except UsageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise UsageError(f"cannot read the input shape of {artifact} ({_one_line(exc)[:200]}); "
+                         "pass --inputs x.npy") from None
 
 
 def _cmd_inspect(args) -> int:

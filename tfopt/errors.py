@@ -60,3 +60,19 @@ class ArtifactExistsError(TfoptError, ValueError):
 
 class BackendUnavailableError(TfoptError, RuntimeError):
     """A format needs a package or build that this environment does not have."""
+
+
+class ExportWriteError(TfoptError, OSError):
+    """An export cannot be written: a full disk, a read-only folder, a file in the way.
+
+    An ``OSError`` (code catching those keeps working), raised only after the
+    directory was put back as it was.
+    """
+
+
+class ArtifactLoadError(TfoptError, ValueError):
+    """A model or artifact file that cannot be read (truncated, not what its name says)."""
+
+
+class ModelOutputsNaNError(ExportValidationError):
+    """The Keras model itself outputs NaN or infinity on the validation data."""

@@ -280,7 +280,8 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
         >>> report = tfopt.bench.run([model, "out/model.onnx"], x_test, labels=y_test)
         >>> print(report.table())
     """
-    arrays = [np.asarray(a) for a in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    arrays, batch_sizes = _check_run_args(inputs, batch_sizes, labels, warmup, repeats,
+                                          min_seconds)
     runners = [r for a in artifacts for r in runners_for(a)]
     sizes = {}
     for runner in runners:
@@ -291,11 +292,12 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
             # An OpenVINO IR is its .xml and .bin: size the folder tfopt wrote.
             sizes[runner.name] = measure_size(
                 artifact.parent if runner.backend == "openvino_cpu" else artifact)
-    rows, failed = [], []
+    rows, failed, errors = [], [], []
     total = len(runners) * len(batch_sizes)
     bar = _progress(total, progress)
     for runner in runners:
         try:
+            _first_call(runner, [_batch(a, batch_sizes[0]) for a in arrays])
             accuracy = _accuracy(runner, arrays, labels) if labels is not None else None
             timings = []
             for batch in batch_sizes:
@@ -305,6 +307,7 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
                 bar.update(1)
         except Exception as exc:  # noqa: BLE001 - one engine failing leaves the others' rows
             failed.append(f"{runner.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+            errors.append(exc)
             logger.debug("Runner %s failed", runner.name, exc_info=True)
             continue
         peak = None
@@ -323,10 +326,62 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
                 peak_rss_bytes=None if peak is None else peak.get("peak_rss_bytes"),
                 device_bytes=None if peak is None else peak.get("device_bytes")))
     bar.close()
+    if errors and len(errors) == len(runners):  # nothing ran: the inputs, not one engine
+        raise errors[0]
     if failed:
         warnings.warn(f"{len(failed)} runner(s) failed and have no rows: " + "; ".join(failed),
                       stacklevel=2)
     return BenchReport(rows, _environment())
+
+
+def _check_run_args(inputs, batch_sizes, labels, warmup, repeats, min_seconds):
+    """Every argument of run() in range, before any timing."""
+    from tfopt import _checks
+
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, (list, tuple)) \
+            or not batch_sizes:
+        raise ConfigError(f"batch_sizes must be a non-empty list of positive integers, got "
+                          f"{batch_sizes!r}; e.g. [1, 8, 32].")
+    batch_sizes = [_checks.number("batch size", b, low=1, integer=True) for b in batch_sizes]
+    _checks.number("warmup", warmup, low=0, integer=True)
+    _checks.number("repeats", repeats, low=1, integer=True)
+    _checks.number("min_seconds", min_seconds, low=0, high=3600,
+                   hint="It is how long each runner is timed at least, e.g. 0.5.")
+    arrays = [np.asarray(a) for a in (inputs if isinstance(inputs, (list, tuple)) else [inputs])]
+    for array in arrays:
+        if array.dtype.kind not in "biuf" or array.ndim == 0 or len(array) == 0:
+            raise ConfigError(f"inputs must be non-empty numeric arrays with a batch axis, got "
+                              f"shape {array.shape} of {array.dtype}. Pass real inputs, e.g. "
+                              "x_test.")
+    if len({len(a) for a in arrays}) > 1:
+        raise ConfigError(f"inputs have different numbers of rows: "
+                          f"{[len(a) for a in arrays]}; pass one row per sample in each.")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.size != len(arrays[0]) or labels.dtype.kind not in "biu":
+            raise ConfigError(
+                f"labels must be one integer class per input row: got {labels.size} "
+                f"{labels.dtype} value(s) for {len(arrays[0])} rows.")
+    return arrays, batch_sizes
+
+
+def _first_call(runner, feed) -> None:
+    """Run once outside the timer: a runner that rejects the inputs fails clearly."""
+    from tfopt.errors import TfoptError
+
+    try:
+        runner.run(feed)
+    except TfoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every engine has its own error types
+        raise ConfigError(
+            f"{runner.name} cannot run inputs of shape {[tuple(a.shape) for a in feed]} "
+            f"({_dtypes(feed)}): {type(exc).__name__}: {' '.join(str(exc).split())[:300]}. "
+            "Pass inputs shaped like the model's input.") from None
+
+
+def _dtypes(feed) -> str:
+    return ", ".join(sorted({str(a.dtype) for a in feed}))
 
 
 def _batch(array: np.ndarray, size: int) -> np.ndarray:

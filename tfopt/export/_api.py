@@ -10,15 +10,16 @@ import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import tfopt
-from tfopt import _compat
-from tfopt.errors import ConfigError, NotAKerasModelError
+from tfopt import _checks, _compat
+from tfopt._quiet import third_party_quiet
+from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError, TfoptError
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
@@ -149,6 +150,106 @@ def export(model, directory: Union[str, os.PathLike], *,
         ...                       formats=("saved_model", "onnx"), validation_data=x[:64])
         >>> result.paths["onnx"], result.max_abs_error
     """
+    plan = _plan(model, directory, formats=formats, precision=precision,
+                 input_signature=input_signature, validation_data=validation_data,
+                 version=version, overwrite=overwrite, freeze=freeze, warmup=warmup,
+                 opset=opset, batch_sizes=batch_sizes, name=name, tolerance=tolerance,
+                 placement=placement)
+    stage = _staging.Staging(plan.directory, [*plan.targets.values(), "manifest.json",
+                                             "timing.cache"],
+                             overwrite, owned=_owned(plan), keep=("timing.cache",))
+    stage.check_target()  # fail fast, before any build; checked again under the lock
+    with stage:
+        built = _build(plan, stage)
+        artifacts = _validate(plan, built)
+        manifest = _manifest(plan, artifacts)
+        stage.path("manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+        stage.commit()
+    paths = {a.format: plan.directory / a.target for a in artifacts}
+    result = ExportResult(plan.directory, paths, {a.format: a.errors for a in artifacts},
+                          {a.format: a.sizes for a in artifacts}, manifest)
+    logger.info("Exported %s to %s (max |diff| %.2e).", ", ".join(plan.formats), plan.directory,
+                result.max_abs_error)
+    return result
+
+
+# -- plan: check everything, compute the Keras reference, change nothing -------
+
+@dataclasses.dataclass(frozen=True)
+class ExportPlan:
+    """What one export will write, decided and checked before anything is built."""
+
+    model: keras.Model
+    directory: Path
+    formats: tuple[str, ...]
+    targets: dict  # {format: path relative to directory}, the chosen formats only
+    precision: str
+    quantized: bool
+    signature: _signature.ModelSignature
+    feed: list
+    reference: dict
+    real_inputs: bool
+    freeze: bool
+    warmup: bool
+    opset: int
+    batch_sizes: tuple[int, int, int]
+    name: str
+    version: int
+    tolerance: Optional[float]
+    placement: str
+
+    def target(self, fmt: str) -> str:
+        return _targets(self.name, self.version)[fmt]
+
+
+@dataclasses.dataclass
+class BuiltArtifact:
+    """One artifact as a builder wrote it into the staging folder."""
+
+    format: str
+    path: Path  # in the staging folder
+    run: Optional[Callable[[list], dict]] = None  # arrays -> {output: array}
+    info: dict = dataclasses.field(default_factory=dict)  # extra manifest fields
+
+
+@dataclasses.dataclass
+class ArtifactResult:
+    """One chosen artifact after validation: what goes into the result and manifest."""
+
+    format: str
+    target: str
+    errors: dict  # {output: {"max_abs", "max_rel", "tolerance"}}
+    sizes: dict
+    info: dict
+
+
+def _targets(name: str, version: int) -> dict:
+    return {"saved_model": f"saved_model/{version}", "frozen_graph": "frozen_graph.pb",
+            "onnx": "model.onnx", "openvino": "openvino", "tensorrt": "model.plan",
+            "tftrt": f"tftrt/{version}", "triton": f"triton/{name}"}
+
+
+def _owned(plan: ExportPlan) -> list[str]:
+    """What a previous export into the directory may have written: removed if not rewritten."""
+    owned = [t for fmt, t in _targets(plan.name, plan.version).items() if fmt not in plan.targets]
+    previous = plan.directory / "manifest.json"
+    try:
+        old = json.loads(previous.read_text())
+        owned += [a["path"] for a in old.get("artifacts", {}).values()
+                  if isinstance(a, dict) and _is_relative(a.get("path"))]
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return [t for t in dict.fromkeys(owned) if t not in plan.targets.values()]
+
+
+def _is_relative(path) -> bool:
+    return (isinstance(path, str) and bool(path) and not os.path.isabs(path)
+            and ".." not in Path(path).parts)
+
+
+def _plan(model, directory, *, formats, precision, input_signature, validation_data, version,
+          overwrite, freeze, warmup, opset, batch_sizes, name, tolerance,
+          placement) -> ExportPlan:
     if not isinstance(model, keras.Model):
         kind = _compat.check_keras_model(model)  # raises for anything else
         if kind == "tf_keras":
@@ -157,13 +258,28 @@ def export(model, directory: Union[str, os.PathLike], *,
                 "tf.saved_model.save and convert with tf2onnx.convert.from_keras; tfmot QAT "
                 "models convert to uint8 activation-only Q/DQ that TensorRT rejects.")
     _compat.check_keras_model(model)
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise ConfigError(f"directory must be a path (a str or pathlib.Path), got "
+                          f"{directory!r}.")
     formats = _check_formats(formats)
-    if precision not in PRECISIONS:
+    if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ConfigError(f"Unknown precision {precision!r}. Valid: {list(PRECISIONS)}.")
-    if placement not in PLACEMENTS:
+    if not isinstance(placement, str) or placement not in PLACEMENTS:
         raise ConfigError(
             f"Unknown placement {placement!r}. Valid: {list(PLACEMENTS)}: 'onnxruntime' for "
             "ONNX Runtime's CPU provider and OpenVINO, 'tensorrt' for TensorRT.")
+    for flag, value in (("overwrite", overwrite), ("freeze", freeze), ("warmup", warmup)):
+        _checks.boolean(flag, value)
+    version = _checks.number("version", version, low=1, integer=True,
+                             hint="TF Serving and Triton version folders are 1, 2, ...")
+    opset = _checks.number("opset", opset, low=MIN_OPSET, high=MAX_OPSET, integer=True,
+                           hint=f"The default is {_onnx.DEFAULT_OPSET}.")
+    batch_sizes = _check_batch_sizes(batch_sizes)
+    if tolerance is not None:
+        tolerance = _checks.number("tolerance", tolerance, low=0, low_open=True,
+                                   hint="It is the allowed error relative to each output's "
+                                        "largest magnitude, e.g. 1e-3; None uses the "
+                                        "precision's default.")
     from tfopt.pruning import is_pruned
     from tfopt.quantization import is_quantized
 
@@ -176,8 +292,7 @@ def export(model, directory: Union[str, os.PathLike], *,
     if warmup and validation_data is None:
         raise ConfigError("warmup=True builds TF Serving warm-up requests from "
                           "validation_data: pass some real inputs.")
-    if not (isinstance(version, int) and version >= 1):
-        raise ConfigError(f"version must be a positive integer, got {version!r}.")
+    name = _check_name(model.name if name is None else name)
 
     signature = _signature.infer(model, input_signature)
     if validation_data is None:
@@ -186,69 +301,147 @@ def export(model, directory: Union[str, os.PathLike], *,
         feed = _signature.random_feed(signature)
     else:
         feed = _signature.as_feed(signature, validation_data)
-    reference = {k: np.asarray(v) for k, v in signature.call(model, feed).items()}
+        _check_feed(feed, signature)
+    try:
+        reference = {k: np.asarray(v) for k, v in signature.call(model, feed).items()}
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+        if isinstance(exc, TfoptError):
+            raise
+        raise ConfigError(
+            f"The Keras model {model.name!r} fails on the validation inputs (shapes "
+            f"{[tuple(a.shape) for a in feed]}): {' '.join(str(exc).split())[:300]}. Pass "
+            "inputs the model accepts, or input_signature= matching them.") from None
+    _check_reference(model, reference, feed, validation_data is not None)
+    chosen = {f: _targets(name, version)[f] for f in formats}
+    return ExportPlan(model, Path(directory), formats, chosen, precision, quantized, signature,
+                      feed, reference, validation_data is not None, freeze, warmup, opset,
+                      batch_sizes, name, version, tolerance, placement)
 
-    name = name or model.name
-    directory = Path(directory)
-    targets = {
-        "saved_model": f"saved_model/{version}", "frozen_graph": "frozen_graph.pb",
-        "onnx": "model.onnx", "openvino": "openvino", "tensorrt": "model.plan", "tftrt": f"tftrt/{version}",
-        "triton": f"triton/{name}",
-    }
-    chosen = {f: targets[f] for f in formats}
-    errors, artifact_sizes, extra = {}, {}, {}
-    serve = _saved_model.serving_function(model, signature)
-    with _staging.Staging(directory, [*chosen.values(), "manifest.json"], overwrite) as stage:
 
-        def staged(fmt):  # where a format's artifact goes: committed if asked for
-            if fmt in chosen:
-                return stage.path(chosen[fmt])
-            aux = stage.root / "aux"
-            aux.mkdir(exist_ok=True)
-            return aux / Path(targets[fmt]).name
+MIN_OPSET, MAX_OPSET = 13, 21
 
-        built = {}
-        progress = _progress(formats)
 
-        def need(fmt):
-            if fmt not in built:
-                built[fmt] = _BUILDERS[fmt](model, signature, serve, staged(fmt), need,
-                                            feed=feed, precision=precision, freeze=freeze,
-                                            warmup=warmup, opset=opset, quantized=quantized,
-                                            batch_sizes=batch_sizes, name=name, version=version,
-                                            reference=reference, directory=directory,
-                                            tolerance=tolerance, placement=placement)
-                if fmt in chosen:
-                    run = built[fmt].get("run")
-                    if run is not None:
-                        errors[fmt] = {k: e.as_dict() for k, e in compare(
-                            fmt, reference, run(feed), _validation_precision(fmt, precision),
-                            tolerance).items()}
-                    artifact_sizes[fmt] = sizes(staged(fmt))
-                    extra[fmt] = {k: v for k, v in built[fmt].items()
-                                  if k not in ("run", "path", "timing_cache")}
-                    progress.update(1)
-            return built[fmt]
+def _check_batch_sizes(batch_sizes) -> tuple[int, int, int]:
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, (tuple, list)) \
+            or len(batch_sizes) != 3:
+        raise ConfigError(f"batch_sizes must be three integers (min, opt, max), got "
+                          f"{batch_sizes!r}; e.g. (1, 8, 64).")
+    values = tuple(_checks.number(f"batch_sizes[{i}]", v, low=1, integer=True)
+                   for i, v in enumerate(batch_sizes))
+    if not values[0] <= values[1] <= values[2]:
+        raise ConfigError(f"batch_sizes must be ordered min <= opt <= max, got {values}; "
+                          "e.g. (1, 8, 64).")
+    return values
 
-        for fmt in formats:
-            need(fmt)
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or not name or name in (".", "..") \
+            or any(c in name for c in "/\\\0"):
+        raise ConfigError(f"name must be a plain folder name (no '/', not '..'), got {name!r}: "
+                          "it names the Triton model folder.")
+    return name
+
+
+def _check_feed(feed, signature) -> None:
+    for array, spec in zip(feed, signature.inputs):
+        if array.ndim == 0 or len(array) == 0:
+            raise ConfigError(
+                f"validation_data for input {spec.name!r} is empty (shape {array.shape}): "
+                "nothing could be validated. Pass a batch of real inputs, e.g. x_test[:64].")
+        if array.dtype.kind == "f":
+            finite = np.isfinite(array)
+            if not finite.any():
+                raise ConfigError(
+                    f"validation_data for input {spec.name!r} is all NaN or infinity "
+                    f"(shape {array.shape}). Pass real inputs, e.g. x_test[:64].")
+
+
+def _check_reference(model, reference, feed, real_inputs) -> None:
+    bad = {k: int(np.sum(~np.isfinite(v))) for k, v in reference.items()
+           if v.dtype.kind == "f" and not np.isfinite(v).all()}
+    if not bad:
+        return
+    where = ", ".join(f"{k!r} ({n} of {reference[k].size} values)" for k, n in bad.items())
+    inputs_bad = sum(int(np.sum(~np.isfinite(a))) for a in feed if a.dtype.kind == "f")
+    if inputs_bad:
+        cause = (f"validation_data holds {inputs_bad} NaN/infinite value(s). Remove those "
+                 "rows, or replace them with real values")
+    elif real_inputs:
+        cause = ("its weights or its computation produce them (a training run that "
+                 "diverged?). Check model.predict(validation_data) and retrain or fix it")
+    else:
+        cause = ("on random inputs. Pass real inputs as validation_data=, e.g. x_test[:64]")
+    raise ModelOutputsNaNError(
+        f"The Keras model {model.name!r} itself outputs NaN or infinity in {where}, so no "
+        f"export can be validated against it: {cause}.")
+
+
+# -- build: each artifact into the staging folder -------------------------------
+
+# What a format is built from: built first (kept out of the export if not chosen).
+DEPENDS = {"openvino": ("onnx",), "tensorrt": ("onnx",), "tftrt": ("saved_model",),
+           "triton": ("onnx",)}
+
+
+def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact]:
+    order = []
+    for fmt in plan.formats:
+        for dep in (*DEPENDS.get(fmt, ()), fmt):
+            if dep not in order:
+                order.append(dep)
+    serve = _saved_model.serving_function(plan.model, plan.signature)
+    built: dict[str, BuiltArtifact] = {}
+    progress = _progress(order)
+    try:
+        for fmt in order:
+            if fmt in plan.targets:
+                path = stage.path(plan.targets[fmt])
+            else:  # needed by another format only: built aside, not committed
+                aux = stage.root / "aux"
+                aux.mkdir(exist_ok=True)
+                path = aux / Path(plan.target(fmt)).name
+            with third_party_quiet():
+                try:
+                    built[fmt] = _BUILDERS[fmt](plan, serve, path, built, stage)
+                except OSError as exc:
+                    if isinstance(exc, TfoptError):
+                        raise
+                    raise _staging.write_error(exc, plan.directory) from exc
+                except tf.errors.OpError as exc:  # TensorFlow's own file writes
+                    error = _staging.disk_error(exc, plan.directory)
+                    if error is None:
+                        raise
+                    raise error from exc
+            progress.update(1)
+    finally:
         progress.close()
-        manifest = _manifest(model, signature, reference, formats, chosen, precision, quantized,
-                             errors, artifact_sizes, extra, validation_data is not None)
-        stage.path("manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        stage.commit()
-        if "tensorrt" in built:  # a cache, not an artifact: kept for the next build
-            shutil.copy2(built["tensorrt"]["timing_cache"], directory / "timing.cache")
-    paths = {fmt: directory / target for fmt, target in chosen.items()}
-    result = ExportResult(directory, paths, errors, artifact_sizes, manifest)
-    logger.info("Exported %s to %s (max |diff| %.2e).", ", ".join(formats), directory,
-                result.max_abs_error)
-    return result
+    return built
+
+
+# -- validate: run each chosen artifact, compare with Keras ---------------------
+
+def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[ArtifactResult]:
+    results = []
+    for fmt in plan.formats:
+        artifact = built[fmt]
+        errors = {}
+        if artifact.run is not None:
+            with third_party_quiet():
+                actual = artifact.run(plan.feed)
+            errors = {k: e.as_dict() for k, e in compare(
+                fmt, plan.reference, actual, _validation_precision(fmt, plan.precision),
+                plan.tolerance).items()}
+        results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
+                                      artifact.info))
+    return results
 
 
 def _check_formats(formats) -> tuple[str, ...]:
     if isinstance(formats, str):
         formats = (formats,)
+    if not isinstance(formats, (list, tuple, set, frozenset)):
+        raise ConfigError(f"formats must be a format name or a list of them, got {formats!r}. "
+                          f"Valid formats: {list(FORMATS)}.")
     formats = tuple(formats)
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -291,7 +484,11 @@ def _progress(formats):
     return tqdm(total=len(formats), desc="export", unit="artifact", disable=None, leave=False)
 
 
-# -- one builder per format: write the artifact, return how to run it --------
+
+
+# -- one builder per format: write the artifact, say how to run it --------------
+# A builder takes (plan, serve, path, built, stage): ``built`` holds the
+# artifacts of DEPENDS[format], already written.
 
 def _saved_model_runner(path: Path, signature):
     from tfopt.artifacts._tf import saved_model_runner
@@ -320,55 +517,58 @@ def _loaded_once(make):
     return run
 
 
-def _build_saved_model(model, signature, serve, path, need, *, feed, freeze, warmup, **_):
-    _saved_model.write_saved_model(model, signature, path, freeze=freeze,
-                                   warmup=feed if warmup else None)
-    return {"run": _saved_model_runner(path, signature), "frozen": freeze}
+def _build_saved_model(plan, serve, path, built, stage) -> BuiltArtifact:
+    _saved_model.write_saved_model(plan.model, plan.signature, path, freeze=plan.freeze,
+                                   warmup=plan.feed if plan.warmup else None)
+    return BuiltArtifact("saved_model", path, _saved_model_runner(path, plan.signature),
+                         {"frozen": plan.freeze})
 
 
-def _build_frozen_graph(model, signature, serve, path, need, **_):
-    output_names, input_names = _saved_model.write_frozen_graph(model, signature, path)
+def _build_frozen_graph(plan, serve, path, built, stage) -> BuiltArtifact:
+    output_names, input_names = _saved_model.write_frozen_graph(plan.model, plan.signature, path)
     from tfopt.artifacts._tf import frozen_graph_runner
 
-    run = _loaded_once(lambda: frozen_graph_runner(path, input_names, output_names,
-                                                   signature.outputs))
-    return {"run": run, "inputs": input_names, "outputs": output_names}
+    outputs = plan.signature.outputs
+    run = _loaded_once(lambda: frozen_graph_runner(path, input_names, output_names, outputs))
+    return BuiltArtifact("frozen_graph", path, run,
+                         {"inputs": input_names, "outputs": output_names})
 
 
-def _build_onnx(model, signature, serve, path, need, *, precision, opset, quantized, feed,
-                placement, **_):
-    proto = _onnx.convert(serve, signature, opset=opset, quantized=quantized)
-    info = {"opset": opset}
-    if quantized:
+def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
+    proto = _onnx.convert(serve, plan.signature, opset=plan.opset, quantized=plan.quantized)
+    info = {"opset": plan.opset}
+    if plan.quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
-        info["qdq_placement"] = placement
-        if placement == "onnxruntime":
-            proto = _ort_quant.quantize_for_cpu(proto, signature.input_names, feed)
-    if precision == "fp16":
+        info["qdq_placement"] = plan.placement
+        if plan.placement == "onnxruntime":
+            proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
+    if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
-    if quantized:
-        info["ort_cpu_kernels"] = _kernel_report(path, placement)
-    return {"run": _onnx_runner(path, signature), **info}
+    if plan.quantized:
+        info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
+    return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info)
 
 
-def _build_openvino(model, signature, serve, path, need, *, precision, feed, reference,
-                    tolerance, **_):
+def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:
     from tfopt.artifacts import _openvino as ov_runtime
     from tfopt.export import _openvino
 
     ov_runtime.import_openvino()  # a clear error before any work
-    info = _openvino.convert(need("onnx")["path"], path, compress_to_fp16=precision == "fp16")
+    info = _openvino.convert(built["onnx"].path, path,
+                             compress_to_fp16=plan.precision == "fp16")
+    signature = plan.signature
 
     def runner(inference_precision):
         return ov_runtime.openvino_runner(path, precision=inference_precision,
                                           inputs=signature.input_names, outputs=signature.outputs)
 
     if ov_runtime.bf16_available():  # what OpenVINO runs by default on this CPU: check it too
-        errors = compare("openvino (bf16 inference precision)", reference, runner("bf16")(feed),
-                         "int8" if precision == "int8" else "bf16", tolerance)
+        errors = compare("openvino (bf16 inference precision)", plan.reference,
+                         runner("bf16")(plan.feed),
+                         "int8" if plan.precision == "int8" else "bf16", plan.tolerance)
         info["bf16_errors"] = {k: e.as_dict() for k, e in errors.items()}
-    return {"run": _loaded_once(lambda: runner("f32")), **info}
+    return BuiltArtifact("openvino", path, _loaded_once(lambda: runner("f32")), info)
 
 
 def _kernel_report(path: Path, placement: str) -> dict:
@@ -380,64 +580,51 @@ def _kernel_report(path: Path, placement: str) -> dict:
             f"{len(left)} of {report['total']} convolutions/matrix products run in float on "
             f"ONNX Runtime's CPU provider: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}. "
             "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.",
-            stacklevel=4)
+            stacklevel=5)  # _kernel_report, _build_onnx, _build, export, the caller
     return {key: report[key] for key in ("integer", "total", "ops", "float_weights")}
 
 
-def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_sizes,
-                    directory, quantized, placement, opset, **_):
+def _build_tensorrt(plan, serve, path, built, stage) -> BuiltArtifact:
     _compat.import_tensorrt()  # a clear error before any work
-    if quantized and placement != "tensorrt":
-        # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
-        onnx_path = path.with_name("tensorrt-placement.onnx")
-        _onnx.save(_onnx.convert(serve, signature,
-                                 opset=opset, quantized=True), onnx_path)
-    else:
-        onnx_path = need("onnx")["path"]
-    cache = path.parent / "timing.cache.staged"
-    if (directory / "timing.cache").exists():
-        shutil.copy2(directory / "timing.cache", cache)
+    cache = stage.path("timing.cache")  # a cache, not an artifact: kept for the next build
+    if (plan.directory / "timing.cache").exists():
+        shutil.copy2(plan.directory / "timing.cache", cache)
     from tfopt.pruning import sparsity as _sparsity
 
-    sparse = _has_two_four(model, _sparsity)
-    _tensorrt.build_engine(onnx_path, path, signature, precision=precision,
-                           batch_sizes=batch_sizes, sparse_weights=sparse, timing_cache=cache)
-    return {"run": lambda arrays: _tensorrt.run_engine(path, signature, arrays),
-            "timing_cache": cache, "sparse_weights": sparse}
+    sparse = _has_two_four(plan.model, _sparsity)
+    if plan.quantized and plan.placement != "tensorrt":
+        # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
+        onnx_path = path.with_name("tensorrt-placement.onnx")
+        _onnx.save(_onnx.convert(serve, plan.signature, opset=plan.opset, quantized=True),
+                   onnx_path)
+    else:
+        onnx_path = built["onnx"].path
+    _tensorrt.build_engine(onnx_path, path, plan.signature, precision=plan.precision,
+                           batch_sizes=plan.batch_sizes, sparse_weights=sparse,
+                           timing_cache=cache)
+    signature = plan.signature
+    return BuiltArtifact("tensorrt", path,
+                         lambda arrays: _tensorrt.run_engine(path, signature, arrays),
+                         {"sparse_weights": sparse})
 
 
-def _build_tftrt(model, signature, serve, path, need, *, precision, feed, **_):
-    _tftrt.convert(need("saved_model")["path"], path, precision=precision,
-                   calibration=feed)
-    return {"run": _saved_model_runner(path, signature)}
+def _build_tftrt(plan, serve, path, built, stage) -> BuiltArtifact:
+    _tftrt.convert(built["saved_model"].path, path, precision=plan.precision,
+                   calibration=plan.feed)
+    return BuiltArtifact("tftrt", path, _saved_model_runner(path, plan.signature))
 
 
-def _build_triton(model, signature, serve, path, need, *, reference, batch_sizes,
-                  name, version, **_):
-    onnx_path = need("onnx")["path"]
-    shapes = {k: (v.shape, v.dtype) for k, v in reference.items()}
-    _triton.write_repository(path.parent, name, version, "onnx", onnx_path, signature, shapes,
-                             max_batch_size=batch_sizes[2])
-    return {"run": _onnx_runner(path / str(version) / "model.onnx", signature)}
+def _build_triton(plan, serve, path, built, stage) -> BuiltArtifact:
+    shapes = {k: (v.shape, v.dtype) for k, v in plan.reference.items()}
+    _triton.write_repository(path.parent, plan.name, plan.version, "onnx", built["onnx"].path,
+                             plan.signature, shapes, max_batch_size=plan.batch_sizes[2])
+    return BuiltArtifact("triton", path,
+                         _onnx_runner(path / str(plan.version) / "model.onnx", plan.signature))
 
 
-_BUILDERS = {}
-
-
-def _register(fmt, builder):
-    def wrapped(model, signature, serve, path, need, **kwargs):
-        info = builder(model, signature, serve, path, need, **kwargs)
-        info["path"] = path
-        return info
-
-    _BUILDERS[fmt] = wrapped
-
-
-for _fmt, _builder in [("saved_model", _build_saved_model), ("frozen_graph", _build_frozen_graph),
-                       ("onnx", _build_onnx), ("openvino", _build_openvino),
-                       ("tensorrt", _build_tensorrt),
-                       ("tftrt", _build_tftrt), ("triton", _build_triton)]:
-    _register(_fmt, _builder)
+_BUILDERS = {"saved_model": _build_saved_model, "frozen_graph": _build_frozen_graph,
+             "onnx": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt,
+             "tftrt": _build_tftrt, "triton": _build_triton}
 
 
 def _has_two_four(model, sparsity_fn) -> bool:
@@ -449,29 +636,32 @@ def _has_two_four(model, sparsity_fn) -> bool:
     return bool(values) and all(abs(v - 0.5) < 0.02 for v in values)
 
 
-def _manifest(model, signature, reference, formats, chosen, precision, quantized, errors,
-              artifact_sizes, extra, real_inputs) -> dict:
+# -- commit: the manifest, then one switch (in _staging) ------------------------
+
+def _manifest(plan: ExportPlan, artifacts: list[ArtifactResult]) -> dict:
     from tfopt.pruning import sparsity
 
     try:
-        model_sparsity = sparsity(model)
+        model_sparsity = sparsity(plan.model)
     except Exception:  # noqa: BLE001 - a report, not a requirement
         model_sparsity = {}
+    reference, signature = plan.reference, plan.signature
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "model": model.name,
+        "model": plan.model.name,
         "versions": {"tfopt": tfopt.__version__, "tensorflow": tf.__version__,
                      "keras": keras.__version__},
-        "formats": list(formats),
-        "artifacts": {fmt: {"path": target, **extra.get(fmt, {})} for fmt, target in chosen.items()},
-        "precision": precision,
-        "quantized": quantized,
+        "formats": list(plan.formats),
+        "artifacts": {a.format: {"path": a.target, **a.info} for a in artifacts},
+        "precision": plan.precision,
+        "quantized": plan.quantized,
         "signature": {
             "inputs": signature.describe()["inputs"],
             "outputs": [{"name": name, "shape": [None, *map(int, reference[name].shape[1:])],
                          "dtype": reference[name].dtype.name} for name in signature.outputs],
         },
         "sparsity": model_sparsity,
-        "validation": {"inputs": "validation_data" if real_inputs else "random", "errors": errors},
-        "sizes": artifact_sizes,
+        "validation": {"inputs": "validation_data" if plan.real_inputs else "random",
+                       "errors": {a.format: a.errors for a in artifacts}},
+        "sizes": {a.format: a.sizes for a in artifacts},
     }

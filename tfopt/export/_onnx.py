@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 from pathlib import Path
 
 import tensorflow as tf
@@ -163,7 +165,40 @@ def to_fp16(proto):
     from onnxconverter_common import float16
 
     block = sorted(set(float16.DEFAULT_OP_BLOCK_LIST) | set(FP32_OPS))
-    return float16.convert_float_to_float16(proto, keep_io_types=True, op_block_list=block)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = float16.convert_float_to_float16(proto, keep_io_types=True,
+                                                     op_block_list=block)
+    _summarize_truncation(caught)
+    return converted
+
+
+_TRUNCATED = re.compile(r"the float32 number (\S+) will be truncated to (\S+)")
+
+
+def _summarize_truncation(caught) -> None:
+    """onnxconverter-common warns once per clipped constant: say it once, with the range."""
+    tiny, huge, others = [], [], []
+    for item in caught:
+        match = _TRUNCATED.search(str(item.message))
+        if match is None:
+            others.append(item)
+            continue
+        value, limit = abs(float(match.group(1))), abs(float(match.group(2)))
+        (tiny if value <= limit else huge).append(value)
+    parts = []
+    if tiny:
+        parts.append(f"{len(tiny)} with magnitudes down to {min(tiny):.3g} raised to "
+                     "float16's smallest normal-range value 1e-07")
+    if huge:
+        parts.append(f"{len(huge)} with magnitudes up to {max(huge):.3g} clipped to "
+                     "+-1e+04")
+    if parts:
+        warnings.warn("FP16 ONNX export: constants outside float16's range were clipped: "
+                      + "; ".join(parts) + ". Check the fp16 validation error in the result; "
+                      "export fp32 if it is too large.", UserWarning, stacklevel=3)
+    for item in others:
+        warnings.warn_explicit(item.message, item.category, item.filename, item.lineno)
 
 
 def save(proto, path: Path) -> None:

@@ -32,18 +32,18 @@ class OutputError:
 
 def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray],
             precision: str, rtol: Optional[float] = None) -> dict[str, OutputError]:
-    """Errors per output; raise ExportValidationError naming the first that drifts."""
+    """Errors per output; raise one ExportValidationError naming every output that drifts."""
     rel, floor = TOLERANCES[precision] if rtol is None else (rtol, 0.0)
-    errors = {}
+    errors, problems = {}, []
     for name, ref in reference.items():
         if name not in actual:
-            raise ExportValidationError(
-                f"{artifact}: output {name!r} is missing; it returned {sorted(actual)}.")
+            problems.append(f"output {name!r} is missing; it returned {sorted(actual)}")
+            continue
         got = np.asarray(actual[name], dtype=np.float64)
         ref = np.asarray(ref, dtype=np.float64)
         if got.shape != ref.shape:
-            raise ExportValidationError(
-                f"{artifact}: output {name!r} has shape {got.shape}, Keras gives {ref.shape}.")
+            problems.append(f"output {name!r} has shape {got.shape}, Keras gives {ref.shape}")
+            continue
         scale = float(np.max(np.abs(ref))) if ref.size else 0.0
         max_abs = float(np.max(np.abs(got - ref))) if ref.size else 0.0
         if not np.isfinite(max_abs):
@@ -51,13 +51,17 @@ def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, n
         tolerance = floor + rel * scale
         errors[name] = OutputError(max_abs, max_abs / max(scale, 1e-12), tolerance)
         if not max_abs <= tolerance:
-            raise ExportValidationError(
-                f"{artifact}: output {name!r} differs from the Keras model by up to "
-                f"{max_abs:.3g} ({max_abs / max(scale, 1e-12):.2e} of its largest value "
-                f"{scale:.3g}), above the {precision} tolerance {tolerance:.3g}. Nothing was "
-                "written. Check the inputs, or pass a larger tolerance= if this precision "
-                "loss is expected."
-            )
+            bad = int(np.sum(~np.isfinite(got)))
+            what = (f"outputs NaN or infinity in {bad} of {got.size} values where Keras does "
+                    "not" if bad else
+                    f"differs from the Keras model by up to {max_abs:.3g} "
+                    f"({max_abs / max(scale, 1e-12):.2e} of its largest value {scale:.3g})")
+            problems.append(f"output {name!r} {what}, above the {precision} tolerance "
+                            f"{tolerance:.3g}")
+    if problems:
+        raise ExportValidationError(
+            f"{artifact}: " + "; ".join(problems) + ". Nothing was written. Check the "
+            "inputs, or pass a larger tolerance= if this precision loss is expected.")
     return errors
 
 

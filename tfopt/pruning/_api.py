@@ -95,6 +95,14 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
     _compat.check_built(model)
     if is_pruned(model):
         raise AlreadyPrunedError(_ALREADY_PRUNED.format(name=model.name))
+    from tfopt.quantization import is_quantized
+
+    if is_quantized(model):
+        raise ConfigError(
+            f"Model {model.name!r} is a QAT model (it carries quantization wrappers). Prune "
+            "the float model first, strip it, then quantize: "
+            "qat = tfopt.quantize(tfopt.strip(pruned)); zeros are kept through QAT."
+        )
     to_prune = _plan(model, n_m, select, layers)
     _compat.reset_compiled_functions(model)
 
@@ -137,6 +145,11 @@ def _selector(layers: LayerSelection) -> Optional[Callable[[keras.layers.Layer],
         return None
     if callable(layers):
         return layers
+    if not isinstance(layers, (str, list, tuple, set, frozenset)):
+        raise ConfigError(
+            f"layers must be a layer name, a list of names or a predicate, got {layers!r} "
+            f"({type(layers).__name__})."
+        )
     names = {layers} if isinstance(layers, str) else set(layers)
     if not names or not all(isinstance(n, str) for n in names):
         raise ConfigError(

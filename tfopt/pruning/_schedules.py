@@ -160,8 +160,10 @@ class PolynomialDecay(PruningSchedule):
                 "PolynomialDecay needs at least one step to move from "
                 "initial_sparsity to final_sparsity."
             )
-        if isinstance(power, bool) or not isinstance(power, numbers.Real) or power <= 0:
-            raise ConfigError(f"power must be a positive number, got {power!r}.")
+        if isinstance(power, bool) or not isinstance(power, numbers.Real) or not (
+                0 < power < float("inf")):  # NaN fails this too
+            raise ConfigError(f"power must be a positive number (and finite), got {power!r}; "
+                              "tfmot's default is 3.")
         self.power = float(power)
 
     def sparsity_at(self, step):

@@ -84,6 +84,7 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
             "tracked. Add it and pass it on: def call(self, inputs, training=None)."
         )
     weighted, inputs_only = _plan(model, config, strict)
+    _check_calibration_data(calibration_data)
     _compat.reset_compiled_functions(model)
 
     def replace(layer):
@@ -138,6 +139,29 @@ def _plan(model, config: QuantizationConfig, strict: bool) -> tuple[set[int], se
     return weighted, inputs_only
 
 
+def _check_calibration_data(data) -> None:
+    """Arrays (or dicts of them) must be non-empty and finite: checked before any change."""
+    import numpy as np
+
+    if data is None or type(data).__module__.startswith("tensorflow"):
+        return
+    arrays = data.values() if isinstance(data, dict) else [data]
+    for array in arrays:
+        try:
+            array = np.asarray(array)
+        except (TypeError, ValueError):
+            continue
+        if array.ndim == 0 or len(array) == 0:
+            raise ConfigError(f"calibration_data is empty (shape {array.shape}): pass at "
+                              "least one batch of real inputs, e.g. x_train[:256].")
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ConfigError(
+                f"calibration_data holds {int(np.sum(~np.isfinite(array)))} NaN/infinite "
+                "value(s), which would make activation ranges NaN: pass finite inputs.")
+        if array.dtype.kind not in "biuf":
+            raise ConfigError(f"calibration_data must be numeric arrays, got {array.dtype}.")
+
+
 def calibrate(model, data, batch_size: int = 64) -> None:
     """Set activation ranges to the absolute maxima seen on ``data`` (eagerly)."""
     import numpy as np
@@ -158,7 +182,14 @@ def calibrate(model, data, batch_size: int = 64) -> None:
     try:
         seen = 0
         for batch in batches:
-            model(batch, training=False)
+            try:
+                model(batch, training=False)
+            except (ValueError, TypeError) as exc:
+                if isinstance(exc, ConfigError):
+                    raise
+                raise ConfigError(
+                    f"The model cannot run calibration_data: {' '.join(str(exc).split())[:300]}"
+                    ". Pass inputs shaped like the model's input.") from None
             seen += 1
     finally:
         for wrapper in wrappers:

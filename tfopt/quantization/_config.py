@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional, Union
 
 from tfopt.errors import ConfigError
@@ -54,10 +55,19 @@ class QuantizationConfig:
                     f"{name} must be an integer from 2 to 8, got {value!r}. "
                     "TensorRT and ONNX Q/DQ use 8."
                 )
-        if not 0.0 < self.activation_ema_decay < 1.0:
+        decay = self.activation_ema_decay
+        if isinstance(decay, bool) or not isinstance(decay, numbers.Real) \
+                or not 0.0 < decay < 1.0:
             raise ConfigError(
-                f"activation_ema_decay must be in (0, 1), got {self.activation_ema_decay!r}."
+                f"activation_ema_decay must be a number in (0, 1), got {decay!r} "
+                f"({type(decay).__name__}); the default is 0.999."
             )
+        for name in ("per_channel_weights", "narrow_range_weights", "quantize_residual_adds",
+                     "preserve_sparsity"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ConfigError(f"{name} must be True or False, got {value!r} "
+                                  f"({type(value).__name__}).")
         freeze = self.freeze_activation_ranges_after
         if freeze is not None and (isinstance(freeze, bool) or not isinstance(freeze, int)
                                    or freeze < 0):
