@@ -95,14 +95,14 @@ def graph_operations(model: Any) -> list[Any]:
 
 
 def recorded_input_structure(model: keras.Model):
-    """The input shapes a called subclassed model was built with, as Keras' export reads them.
+    """The input shapes a built or called subclassed model recorded, as Keras' export reads them.
 
     Returns ``(structure, dtype)``: ``structure`` is one shape tuple, a list of
     them or a dict of them; ``None`` if the model was never called or its
     call takes several positional tensors.
     """
     shapes = getattr(model, "_build_shapes_dict", None) or {}
-    if len(shapes) != 1 or not getattr(model, "_called", bool(shapes)):
+    if len(shapes) != 1:
         return None, None
     dtype = getattr(model, "input_dtype", None) or keras.config.floatx()
     return next(iter(shapes.values())), dtype
