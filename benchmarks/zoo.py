@@ -425,6 +425,9 @@ def main(argv=None) -> int:
                         help="start no new architecture after this many seconds")
     parser.add_argument("--timeout", type=float, default=1800,
                         help="seconds one architecture may take")
+    parser.add_argument("--grace", type=float, default=150,
+                        help="with --budget: an architecture still running this many seconds "
+                             "after the budget is stopped and left for the next run")
     parser.add_argument("--list", action="store_true", help="print the architectures")
     parser.add_argument("--table", action="store_true",
                         help="only write docs/support.md from the cache")
@@ -456,7 +459,15 @@ def main(argv=None) -> int:
                       "(rerun with --resume)", flush=True)
                 break
             print(f"[{i}/{len(chosen)}] {name} ({elapsed:.0f} s so far)", flush=True)
-            rows[name] = run_in_subprocess(name, args.timeout)
+            timeout = args.timeout
+            if args.budget is not None:
+                timeout = min(timeout, args.budget + args.grace - elapsed)
+            row = run_in_subprocess(name, timeout)
+            if timeout < args.timeout and "timed out" in str(row.get("crashed", "")):
+                print(f"[{i}/{len(chosen)}] {name}: stopped at the end of this run's budget; "
+                      "left for the next run (--resume)", flush=True)
+                break
+            rows[name] = row
             save(rows)
             ok = sum(1 for s in rows[name].get("steps", {}).values() if s["ok"])
             print(f"[{i}/{len(chosen)}] {name}: {ok}/{len(STEPS)} steps pass in "

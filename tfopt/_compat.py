@@ -89,11 +89,6 @@ def direct_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
     return list(layer._flatten_layers(include_self=False, recursive=False))
 
 
-def graph_operations(model: Any) -> list[Any]:
-    """Every node of a functional model's graph, layers and plain operations alike."""
-    return list(getattr(model, "_operations", None) or getattr(model, "operations", []))
-
-
 def recorded_input_structure(model: keras.Model):
     """The input shapes a built or called subclassed model recorded, as Keras' export reads them.
 
