@@ -355,3 +355,13 @@ def test_export_infers_a_never_called_subclassed_models_signature_from_validatio
         "name": "input", "shape": [None, 8, 8, 1], "dtype": "float32"}
     with pytest.raises(errors.ModelNotBuiltError, match="validation_data"):
         tfopt.export(Subclassed(), tmp_path / "none")
+
+
+def test_exact_gelu_exports_to_onnx(tmp_path):
+    # TensorFlow writes exact GELU with Erfc, an op ONNX does not have (ViT, DistilBERT).
+    inputs = keras.Input((6,))
+    x = layers.Dense(8, activation=lambda t: keras.ops.gelu(t, approximate=False))(inputs)
+    model = keras.Model(inputs, layers.Dense(3)(x))
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx",), validation_data=x)
+    assert result.max_abs_error < 1e-5
