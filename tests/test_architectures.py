@@ -179,6 +179,20 @@ def test_operation_nodes_shared_layers_and_nested_models_pass_through():
                 if isinstance(w, QuantizeWrapper)]) == 5
 
 
+def test_a_subclassed_model_nested_in_a_functional_one():
+    inner = Subclassed()
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, layers.Dense(4, name="top")(inner(inputs)))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    expected = model(x)
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5))
+    assert sorted(w.layer.name for w in prune_wrappers(pruned)) == ["conv", "hidden", "out",
+                                                                    "top"]
+    plain = tfopt.strip(pruned)
+    assert not prune_wrappers(plain) and not prune_wrappers(inner)
+    np.testing.assert_allclose(plain(x), expected, atol=1e-5)
+
+
 # -- a failure leaves the model as it was ------------------------------------------------
 
 class Block(layers.Layer):
