@@ -81,7 +81,27 @@ NEEDS = {
 NOT_AVAILABLE = "n/a: tfopt.export has no 'openvino' format yet"
 
 # Known failures that cannot pass yet: a substring of the error -> the plan.
-PLANS: dict[str, str] = {}
+PLANS: dict[str, str] = {
+    "PartitionedCall": (
+        "Layer type: grouped Conv2D (ConvNeXt's depthwise convolution, groups=channels). "
+        "Keras' TensorFlow backend runs grouped convolutions on CPU through an "
+        "XLA-compiled tf.function, which the frozen serving graph keeps as a "
+        "(Stateful)PartitionedCall that tf2onnx copies through. Plan: inline those "
+        "functions before conversion in tfopt/export/_onnx.py (or convert a grouped Conv2D "
+        "with groups == channels as a depthwise convolution)."),
+    "above the int8 tolerance": (
+        "The INT8 ONNX (ONNX Runtime's integer kernels) drifts from the Keras QAT model "
+        "just above the 5% int8 tolerance on this deep random-weight network. Plan: "
+        "issue 8's INT8 placement and issue 14's validation tolerances, then rerun this row."),
+    "(nan of": (
+        "Not a layer type: with plain Adam the stem gradient of this pruned random-weight "
+        "EfficientNet passes 1e19 on random data, Adam's square of it overflows "
+        "(tf.debugging.enable_check_numerics: adam/Square) and the weights become NaN. "
+        "Plan: rerun with the zoo's clipped optimizer (rows run before it show this)."),
+    "no Q/DQ on its weights": (
+        "Follows from the NaN weights left by the QAT fit() (see the float columns): "
+        "tf2onnx folds the fake quantization of NaN constants. Same plan."),
+}
 
 
 def every_architecture() -> list[str]:
@@ -163,6 +183,17 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> float:
                for g, w in zip(got, want))
 
 
+# Gradients of random-weight networks pruned to 50% explode on random data (EfficientNet
+# v1's stem gradient passes 1e19 and Adam's square of it overflows): clip them.
+OPTIMIZER = "Adam(clipnorm=1.0)"
+
+
+def _optimizer():
+    import keras
+
+    return keras.optimizers.Adam(clipnorm=1.0)
+
+
 def run_one(name: str) -> dict:
     """Every step on one architecture; ``{step: {"ok", "cell", "seconds"}}`` and totals."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -178,7 +209,8 @@ def run_one(name: str) -> dict:
     from tfopt.export import _api as export_api
 
     keras.utils.set_random_seed(0)
-    row: dict = {"steps": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    row: dict = {"steps": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                 "optimizer": OPTIMIZER}
     state: dict = {}
     t_all = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix=f"zoo-{name}-"))
@@ -213,7 +245,7 @@ def run_one(name: str) -> dict:
 
     def prune_fit():
         pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, begin_step=0, frequency=1))
-        pruned.compile(optimizer="adam", loss=loss)
+        pruned.compile(optimizer=_optimizer(), loss=loss)
         pruned.fit(x, y, batch_size=4, epochs=1, verbose=0,
                    callbacks=[tfopt.callbacks.PruningStep()])
         state["pruned"] = pruned
@@ -237,7 +269,7 @@ def run_one(name: str) -> dict:
 
     def qat_fit():
         qat = state["qat"]
-        qat.compile(optimizer="adam", loss=loss)
+        qat.compile(optimizer=_optimizer(), loss=loss)
         history = qat.fit(x, y, batch_size=4, epochs=1, verbose=0)
         value = float(history.history["loss"][-1])
         if not np.isfinite(value):
@@ -361,12 +393,14 @@ def write_table(rows: dict) -> None:
     names = every_architecture()
     ran = [n for n in names if n in rows]
     # A column no row could run (a format tfopt.export does not have yet) is left out.
-    steps = [k for k in STEPS if not ran or not all(
-        rows[n].get("steps", {}).get(k, {}).get("cell") == NOT_AVAILABLE for n in ran)]
+    steps = [k for k in STEPS if k != "openvino" or any(
+        rows[n].get("steps", {}).get(k, {}).get("ok")
+        and rows[n]["steps"][k]["cell"] != NOT_AVAILABLE for n in ran)]
     passed = sum(1 for n in ran for k in steps if rows[n].get("steps", {}).get(k, {}).get("ok"))
     full_rows = sum(1 for n in ran if all(rows[n].get("steps", {}).get(k, {}).get("ok")
                                           for k in steps))
     total_seconds = sum(rows[n].get("seconds", 0.0) for n in ran)
+    old = [n for n in ran if rows[n].get("optimizer") != OPTIMIZER]
     lines = [
         "# Support matrix: keras.applications and keras-hub backbones through tfopt",
         "",
@@ -390,6 +424,12 @@ def write_table(rows: dict) -> None:
         f"{len(ran) * len(steps)} cells pass ({len(ran)} rows x {len(steps)} columns); "
         f"{full_rows} rows pass every column. Time: {total_seconds / 60:.1f} min of "
         "work (sum of each row's subprocess, build to validation).",
+        "",
+        f"Both fits use `{OPTIMIZER}`"
+        + (f", except rows run before it was introduced, with plain `Adam()`: "
+           f"{', '.join(old)}." if old else ".") + " Cells: ✅ passed (the measured max abs "
+        "error), ❌ failed (the exception, and where known the layer type and the plan), "
+        "– not reached because a step it needs failed.",
         "",
         "| architecture | params | input | "
         + " | ".join(HEADERS[k] for k in steps) + " | seconds |",
