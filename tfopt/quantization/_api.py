@@ -31,9 +31,10 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     transformers: MultiHeadAttention, keras-hub encoder and decoder blocks),
     and on both inputs of residual ``Add`` (and ``Dot``) layers. Normalizations
     (LayerNormalization, RMS norms), embeddings and the attention score and
-    context products stay in float; they are listed in one warning. Weights are quantized symmetrically per output channel in
-    [-127, 127]; activations per tensor with ranges tracked by a moving
-    average during training. BatchNormalization stays in float: with
+    context products stay in float; they are listed in one warning. Weights
+    are quantized symmetrically per output channel in [-127, 127];
+    activations per tensor with ranges tracked by a moving average during
+    training. BatchNormalization stays in float: with
     per-channel weight scales, the engine folds it into the convolution
     exactly. Weights that are zero (a pruned and stripped model) stay zero.
 
@@ -158,8 +159,9 @@ def _plan(model, config: QuantizationConfig, strict: bool
             f"{name} x{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
             for name, paths in sorted(listed.items())))
     if attention:
+        inside = ", ".join(f"{n} x{c}" for n, c in sorted(attention.items()))
         parts.append("the attention score and context products (query x key, scores x "
-                     "value) inside " + ", ".join(f"{n} x{c}" for n, c in sorted(attention.items())))
+                     f"value) inside {inside}")
     if unsupported:
         parts.append("not supported (no quantizer for this layer type): " + "; ".join(unsupported))
     summary = ""
