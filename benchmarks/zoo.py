@@ -425,6 +425,10 @@ def write_table(rows: dict) -> None:
         f"{full_rows} rows pass every column. Time: {total_seconds / 60:.1f} min of "
         "work (sum of each row's subprocess, build to validation).",
         "",
+        "ONNX INT8 cells of rows started before 2026-11-25T20:03Z were written with the "
+        "Q/DQ placement that was tfopt's only one then (today's `placement=\"tensorrt\"`); "
+        "later rows use the default ONNX Runtime CPU placement (issue 8).",
+        "",
         f"Both fits use `{OPTIMIZER}`"
         + (f", except rows run before it was introduced, with plain `Adam()`: "
            f"{', '.join(old)}." if old else ".") + " Cells: ✅ passed (the measured max abs "
