@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench zoo clean
 
 venv: $(STAMP)
 
@@ -24,6 +24,13 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/pruning_overhead.py
 	$(PY) benchmarks/qat.py
+
+# Every keras.applications architecture and six keras-hub backbones through
+# prune -> strip -> QAT -> export -> validation; writes docs/support.md. Rows
+# are cached in benchmarks/results/zoo.json: rerun to continue where it stopped
+# (about an hour on 2 CPU cores from scratch).
+zoo: $(STAMP)
+	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/zoo.py --resume
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -225,9 +225,9 @@ def test_two_four_on_conv_groups_input_channels_not_output_channels():
     assert np.all((groups_along_input_channels(kernel, -2, 4) == 0).sum(axis=1) == 2)
 
 
-def test_n_m_rejects_input_widths_not_divisible_by_m_naming_each_layer():
+def test_n_m_strict_rejects_input_widths_not_divisible_by_m_naming_each_layer():
     with pytest.raises(errors.IncompatibleShapeError) as info:
-        tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), n_m=(2, 4))
+        tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), n_m=(2, 4), strict=True)
     message = str(info.value)
     assert "conv" in message and "1 input channels" in message and "multiple of 4" in message
 

@@ -69,9 +69,38 @@ def check_built(model: keras.Model) -> None:
         )
 
 
+def is_layer(node: Any) -> bool:
+    """True for a Keras 3 layer; False for an operation node of a functional graph.
+
+    Functional graphs also hold operations that are not layers: ``x + 3.0``
+    records a ``keras.src.ops.numpy.Add``, ``x[:, 0]`` a ``GetItem``. They
+    have no weights and no sublayers.
+    """
+    return isinstance(node, keras.layers.Layer)
+
+
 def direct_sublayers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
-    """The layers a layer tracks directly (one level down), in tracking order."""
+    """The layers a layer tracks directly (one level down), in tracking order.
+
+    Empty for an operation node that is not a layer.
+    """
+    if not is_layer(layer):
+        return []
     return list(layer._flatten_layers(include_self=False, recursive=False))
+
+
+def recorded_input_structure(model: keras.Model):
+    """The input shapes a built or called subclassed model recorded, as Keras' export reads them.
+
+    Returns ``(structure, dtype)``: ``structure`` is one shape tuple, a list of
+    them or a dict of them; ``None`` if the model was never called or its
+    call takes several positional tensors.
+    """
+    shapes = getattr(model, "_build_shapes_dict", None) or {}
+    if len(shapes) != 1:
+        return None, None
+    dtype = getattr(model, "input_dtype", None) or keras.config.floatx()
+    return next(iter(shapes.values())), dtype
 
 
 def built_input_shape(layer: keras.layers.Layer):
@@ -111,7 +140,9 @@ def replace_sublayer(parent: keras.layers.Layer, old: keras.layers.Layer,
     Attributes, lists and dicts of the parent that refer to ``old`` are made
     to refer to ``new``; Keras' list of tracked layers is updated the same way.
     """
-    parent._tracker.replace_tracked_value("layers", old, new)
+    tracker = getattr(parent, "_tracker", None)
+    if tracker is not None:
+        tracker.replace_tracked_value("layers", old, new)
     for name, value in list(vars(parent).items()):
         if value is old:
             object.__setattr__(parent, name, new)

@@ -8,6 +8,7 @@ EinsumDense layers) are rewritten in place, by swapping tracked sublayers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Iterator, Optional
 
 import keras
@@ -52,19 +53,74 @@ def lookup(table: dict, layer: keras.layers.Layer):
     return None
 
 
-def rewrite(layer: keras.layers.Layer, replace: Replace) -> keras.layers.Layer:
+class Journal:
+    """The in-place swaps a rewrite made, so that a failure can undo them.
+
+    Cloned graph models are new objects and need no undoing; what a rewrite
+    changes in place (subclassed models, composite layers such as
+    MultiHeadAttention or a keras-hub TransformerEncoder, wherever they sit)
+    is recorded here and put back, newest first, by :meth:`undo`.
+    """
+
+    def __init__(self):
+        self._swaps: list[tuple[keras.layers.Layer, keras.layers.Layer, keras.layers.Layer]] = []
+        self._memo: dict[int, keras.layers.Layer] = {}
+
+    def swap(self, parent, old, new) -> None:
+        _compat.replace_sublayer(parent, old, new)
+        self._swaps.append((parent, old, new))
+
+    def undo(self) -> None:
+        while self._swaps:
+            parent, old, new = self._swaps.pop()
+            _compat.replace_sublayer(parent, new, old)
+
+
+@contextlib.contextmanager
+def transaction() -> Iterator[Journal]:
+    """Rewrites made with the yielded journal are undone if the block raises.
+
+    Example:
+        >>> with transaction() as journal:
+        ...     new = rewrite(model, replace, journal)
+        ...     calibrate(new)   # a failure here puts model's sublayers back too
+    """
+    journal = Journal()
+    try:
+        yield journal
+    except BaseException:
+        journal.undo()
+        raise
+
+
+def rewrite(layer, replace: Replace, journal: Optional[Journal] = None):
     """Return ``layer`` with every sublayer for which ``replace`` gives a new one swapped.
 
     ``replace(layer)`` returns the substitute, or ``None`` to keep the layer
-    (and look inside it).
+    (and look inside it). Every node of a functional graph is visited:
+    operation nodes that are not layers (``keras.ops`` calls, ``GetItem``,
+    arithmetic on tensors) pass through untouched; a layer shared by several
+    nodes or parents is replaced once, by the same substitute. Without a
+    ``journal`` the rewrite is its own transaction: if it fails, the in-place
+    swaps it made are undone before the error propagates.
     """
+    if journal is None:
+        with transaction() as journal:
+            return rewrite(layer, replace, journal)
+    if not _compat.is_layer(layer):
+        return layer
+    if id(layer) in journal._memo:
+        return journal._memo[id(layer)]
     substitute = replace(layer)
     if substitute is not None:
-        return substitute
-    if _compat.is_graph_model(layer):
-        return _compat.clone_graph_model(layer, lambda child: rewrite(child, replace))
-    for child in _compat.direct_sublayers(layer):
-        new_child = rewrite(child, replace)
-        if new_child is not child:
-            _compat.replace_sublayer(layer, child, new_child)
-    return layer
+        result = substitute
+    elif _compat.is_graph_model(layer):
+        result = _compat.clone_graph_model(layer, lambda child: rewrite(child, replace, journal))
+    else:
+        for child in _compat.direct_sublayers(layer):
+            new_child = rewrite(child, replace, journal)
+            if new_child is not child:
+                journal.swap(layer, child, new_child)
+        result = layer
+    journal._memo[id(layer)] = result
+    return result

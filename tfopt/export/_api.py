@@ -118,8 +118,10 @@ def export(model, directory: Union[str, os.PathLike], *,
         formats: Any of ``FORMATS``.
         precision: ``"fp32"``, ``"fp16"`` (ONNX/TensorRT/TF-TRT) or ``"int8"``
             (QAT models; TF-TRT calibrates on ``validation_data``).
-        input_signature: ``tf.TensorSpec`` per input, needed for subclassed
-            models never called on a symbolic input.
+        input_signature: ``tf.TensorSpec`` per input. Without it, inputs
+            come from the model's symbolic inputs, else (a subclassed model)
+            from the shapes it was built or called with, as Keras'
+            ``model.export`` reads them, else from ``validation_data``.
         validation_data: Real inputs (array, list or dict by input name).
         version: The version folder for TF Serving and Triton.
         overwrite: Replace existing artifacts (after the new ones validate).
@@ -294,7 +296,7 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
                           "validation_data: pass some real inputs.")
     name = _check_name(model.name if name is None else name)
 
-    signature = _signature.infer(model, input_signature)
+    signature = _signature.infer(model, input_signature, validation_data)
     if validation_data is None:
         logger.warning("No validation_data: artifacts are checked on random inputs. "
                        "Pass real inputs (e.g. x_test[:64]) for a meaningful check.")

@@ -66,6 +66,7 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     proto, _ = tf2onnx.convert.from_graph_def(
         frozen.graph.as_graph_def(), input_names=input_names, output_names=output_names,
         opset=opset)
+    _replace_erfc(proto)
     keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
     _rename_io(proto, dict(zip(input_names, signature.input_names)),
                dict(zip(output_names, keys)), signature.outputs)
@@ -73,6 +74,33 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
+
+
+def _replace_erfc(proto) -> None:
+    """Write TensorFlow's ``Erfc`` (exact GELU: ``0.5 x erfc(-x/sqrt 2)``) as ``1 - Erf``.
+
+    tf2onnx 1.17 has no handler for ``Erfc`` and copies it through, but ONNX
+    has no such operator, so the model would not load (ViT, DistilBERT and
+    every other model with an exact GELU).
+    """
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    graph = proto.graph
+    if not any(node.op_type == "Erfc" for node in graph.node):
+        return
+    one = "tfopt_erfc_one"
+    graph.initializer.append(numpy_helper.from_array(np.array(1.0, np.float32), one))
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Erfc":
+            nodes.append(node)
+            continue
+        erf_out = f"{node.output[0]}__erf"
+        nodes.append(helper.make_node("Erf", [node.input[0]], [erf_out], name=f"{node.name}__erf"))
+        nodes.append(helper.make_node("Sub", [one, erf_out], [node.output[0]], name=node.name))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def _rename_io(proto, inputs: dict[str, str], outputs: dict[str, str], order) -> None:

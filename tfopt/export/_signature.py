@@ -80,9 +80,23 @@ def _unique(names: list[str]) -> list[str]:
     return result
 
 
-def infer(model: keras.Model, input_signature=None) -> ModelSignature:
-    """Work out a model's serving signature, or say what is missing."""
-    if input_signature is not None:
+def infer(model: keras.Model, input_signature=None, validation_data=None) -> ModelSignature:
+    """Work out a model's serving signature, or say what is missing.
+
+    In order: ``input_signature``; the model's symbolic inputs (Sequential,
+    functional); the shapes a built or called subclassed model recorded, as
+    Keras' own ``model.export`` reads them (dtypes from ``validation_data``
+    when given, else the model's input dtype); ``validation_data`` itself
+    (batch dimension left free).
+    """
+    recorded = None
+    if input_signature is None and not getattr(model, "inputs", None):
+        recorded = _from_recorded_shapes(model, validation_data)
+        if recorded is None and validation_data is not None:
+            recorded = _from_data(validation_data)
+    if recorded is not None:
+        specs, structure = recorded
+    elif input_signature is not None:
         specs, structure = _from_user_signature(input_signature)
     elif getattr(model, "inputs", None):
         structure = getattr(model, "_inputs_struct", None)
@@ -103,12 +117,68 @@ def infer(model: keras.Model, input_signature=None) -> ModelSignature:
             structure = None
     else:
         raise ModelNotBuiltError(
-            f"Model {model.name!r} has no known inputs (a subclassed model, or one never "
-            "called on a symbolic Input). Pass input_signature=[tf.TensorSpec([None, ...], "
+            f"Model {model.name!r} has no known inputs: a subclassed model that was never "
+            "called (or whose call() takes several tensor arguments), and no "
+            "validation_data. Call it once on a batch (model(x[:1])), pass "
+            "validation_data=x[:64], or pass input_signature=[tf.TensorSpec([None, ...], "
             "tf.float32, name='x')], one spec per input."
         )
     outputs = _output_names(model, specs, structure)
     return ModelSignature(tuple(specs), tuple(outputs), structure)
+
+
+def _dtype_of(array) -> tf.DType:
+    dtype = tf.as_dtype(np.asarray(array).dtype)
+    return tf.float32 if dtype == tf.float64 else (tf.int32 if dtype == tf.int64 else dtype)
+
+
+def _from_recorded_shapes(model, validation_data):
+    """Specs from the input shapes a called subclassed model recorded, or None."""
+    from tfopt import _compat
+
+    recorded, dtype = _compat.recorded_input_structure(model)
+    if recorded is None:
+        return None
+
+    def is_shape(value):
+        return isinstance(value, (list, tuple)) and all(
+            isinstance(d, (int, type(None))) for d in value)
+
+    if is_shape(recorded):
+        items, structure = [("input", recorded)], None
+    elif isinstance(recorded, dict) and all(is_shape(v) for v in recorded.values()):
+        items, structure = list(recorded.items()), "dict"
+    elif isinstance(recorded, (list, tuple)) and all(is_shape(v) for v in recorded):
+        items, structure = [(f"input_{i}", v) for i, v in enumerate(recorded)], "list"
+    else:
+        return None
+    dtypes = [tf.as_dtype(dtype)] * len(items)
+    if validation_data is not None:
+        data = (list(validation_data.values()) if isinstance(validation_data, dict)
+                else list(validation_data) if isinstance(validation_data, (list, tuple))
+                else [validation_data])
+        if len(data) == len(items):
+            dtypes = [_dtype_of(a) for a in data]
+    names = _unique([_safe(str(n)) for n, _ in items])
+    specs = [tf.TensorSpec([None, *shape[1:]], dt, name=n)
+             for (_, shape), dt, n in zip(items, dtypes, names)]
+    if structure == "dict":
+        return specs, {n: None for n in names}
+    return specs, (specs if structure == "list" else None)
+
+
+def _from_data(data):
+    """Specs from validation data (batch dimension left free)."""
+    if isinstance(data, dict):
+        names = _unique([_safe(str(k)) for k in data])
+        specs = [tf.TensorSpec([None, *np.shape(a)[1:]], _dtype_of(a), name=n)
+                 for a, n in zip(data.values(), names)]
+        return specs, {n: None for n in names}
+    arrays = list(data) if isinstance(data, (list, tuple)) else [data]
+    specs = [tf.TensorSpec([None, *np.shape(a)[1:]], _dtype_of(a),
+                           name="input" if len(arrays) == 1 else f"input_{i}")
+             for i, a in enumerate(arrays)]
+    return specs, (specs if len(specs) > 1 else None)
 
 
 def _input_layer_name(tensor) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import numbers
+import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import keras
@@ -27,7 +28,7 @@ LayerSelection = Union[None, str, Iterable[str], Callable[[keras.layers.Layer], 
 
 
 def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = None,
-          layers: LayerSelection = None):
+          layers: LayerSelection = None, strict: bool = False):
     """Return a model whose prunable weights are masked by magnitude during ``fit()``.
 
     Prunable layers are Dense, EinsumDense (and so MultiHeadAttention's
@@ -51,10 +52,13 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         n_m: ``(n, m)`` for ``n`` zeros in every ``m`` consecutive weights along
             the input-channel axis (``(2, 4)`` for TensorRT's sparse tensor
             cores). The schedule then only decides when masks are updated.
-            Layers without an input-channel axis (DepthwiseConv, Embedding) are
-            left dense and listed in the log.
+            Layers that cannot take the pattern (no input-channel axis, as in
+            DepthwiseConv and Embedding, or an input-channel count that is not
+            a multiple of ``m``, as in a first convolution on 1 or 3 channels)
+            are left dense and listed in one warning, as NVIDIA's ASP does.
         layers: Which prunable layers to prune: a layer name, a list of names,
             or a predicate ``layer -> bool``. ``None`` prunes all of them.
+        strict: With ``n_m``, raise instead of leaving ineligible layers dense.
 
     Returns:
         The pruned model.
@@ -63,8 +67,8 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         NotAKerasModelError: ``model`` is not a Keras model.
         AlreadyPrunedError: ``model`` already carries pruning wrappers.
         NothingToPruneError: no layer of ``model`` can be (or was selected to be) pruned.
-        IncompatibleShapeError: with ``n_m``, an input-channel count is not a
-            multiple of ``m``.
+        IncompatibleShapeError: with ``n_m`` and ``strict=True``, a selected
+            layer cannot take the N:M pattern.
         ConfigError: an invalid ``schedule``, ``n_m`` or ``layers``.
 
     Example:
@@ -103,8 +107,7 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
             "the float model first, strip it, then quantize: "
             "qat = tfopt.quantize(tfopt.strip(pruned)); zeros are kept through QAT."
         )
-    to_prune = _plan(model, n_m, select, layers)
-    _compat.reset_compiled_functions(model)
+    to_prune = _plan(model, n_m, select, layers, strict)
 
     def replace(layer):
         if id(layer) not in to_prune:
@@ -114,6 +117,8 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         return wrapper
 
     pruned = _tree.rewrite(model, replace)
+    _compat.reset_compiled_functions(model)
+    _compat.reset_compiled_functions(pruned)
     logger.info("Pruning %d layer(s) of %r with %r%s.", len(to_prune), model.name, schedule,
                 f", {n_m[0]}:{n_m[1]} structured" if n_m else "")
     return pruned
@@ -158,7 +163,7 @@ def _selector(layers: LayerSelection) -> Optional[Callable[[keras.layers.Layer],
     return lambda layer: layer.name in names
 
 
-def _plan(model, n_m, select, layers: LayerSelection) -> set[int]:
+def _plan(model, n_m, select, layers: LayerSelection, strict: bool = False) -> set[int]:
     """Look at the whole model; return ids of layers to wrap, or raise one error."""
     chosen: dict[int, str] = {}
     prunable_names: list[str] = []
@@ -178,19 +183,22 @@ def _plan(model, n_m, select, layers: LayerSelection) -> set[int]:
             if any(t.group_axis is None for t in targets):
                 left_dense.append(f"{path} ({type(layer).__name__}: no input-channel axis)")
                 continue
-            for t in targets:
-                size = t.variable.shape[t.group_axis]
-                if size % n_m[1]:
-                    bad_shapes.append(
-                        f"{path}: {t.variable.name} has {size} input channels "
-                        f"(shape {tuple(t.variable.shape)}), not a multiple of {n_m[1]}"
-                    )
+            odd = [t for t in targets if t.variable.shape[t.group_axis] % n_m[1]]
+            if odd:
+                bad_shapes.extend(
+                    f"{path} ({type(layer).__name__}): {t.variable.name} has "
+                    f"{t.variable.shape[t.group_axis]} input channels (shape "
+                    f"{tuple(t.variable.shape)}), not a multiple of {n_m[1]}"
+                    for t in odd
+                )
+                continue
         chosen[id(layer)] = path
-    if bad_shapes:
+    if n_m is not None and strict and (bad_shapes or left_dense):
         raise IncompatibleShapeError(
-            f"n_m={n_m} needs input-channel counts divisible by {n_m[1]}:\n  "
-            + "\n  ".join(bad_shapes)
-            + "\nChange those layers' input widths, or leave them out with "
+            f"strict=True, and {len(bad_shapes) + len(left_dense)} selected layer(s) cannot "
+            f"take n_m={n_m} (input channels grouped by {n_m[1]}):\n  "
+            + "\n  ".join(bad_shapes + left_dense)
+            + "\nUse strict=False to leave them dense, or leave them out with "
             "layers=lambda layer: layer.name not in {...}."
         )
     if layers is not None and isinstance(layers, (str, list, tuple, set)):
@@ -205,15 +213,25 @@ def _plan(model, n_m, select, layers: LayerSelection) -> set[int]:
         found = "none" if not prunable_names else ", ".join(sorted(set(prunable_names)))
         raise NothingToPruneError(
             f"Nothing to prune in model {model.name!r} (prunable layers found: {found}"
-            + (f"; left dense under n_m: {', '.join(left_dense)}" if left_dense else "")
+            + (f"; left dense under n_m: {'; '.join(left_dense + bad_shapes)}"
+               if left_dense or bad_shapes else "")
             + "). tfopt prunes Dense, EinsumDense, Conv*, DepthwiseConv*, SeparableConv* and "
             "Embedding layers; a custom layer opts in by defining get_prunable_weights()."
         )
-    skipped = unsupported + left_dense
-    if skipped:
+    if left_dense or bad_shapes:
+        skipped_n_m = left_dense + bad_shapes
+        warnings.warn(
+            f"n_m={n_m}: {len(chosen)} layer(s) pruned {n_m[0]}:{n_m[1]}; "
+            f"{len(skipped_n_m)} left dense because they cannot take the pattern: "
+            + "; ".join(skipped_n_m)
+            + ". Pass strict=True to make this an error.",
+            stacklevel=3,
+        )
+    if unsupported:
         logger.info(
-            "Left unpruned (%d): %s. A custom layer opts in by defining "
-            "get_prunable_weights().", len(skipped), "; ".join(skipped),
+            "Left unpruned (%d layer(s) with weights tfopt does not prune): %s. A custom "
+            "layer opts in by defining get_prunable_weights().",
+            len(unsupported), "; ".join(unsupported),
         )
     return set(chosen)
 
@@ -244,11 +262,16 @@ def strip_pruning(model):
     found = wrappers(model)
     if not found:
         return model
-    for wrapper in found:
-        for variable, masked in wrapper.masked_weights():
-            variable.assign(masked)
+    # Masked values first, the rewrite next (undone if it fails), weights last:
+    # a failure leaves the model as it was.
+    baked = [(variable, keras.ops.convert_to_numpy(masked))
+             for wrapper in found for variable, masked in wrapper.masked_weights()]
+    plain = _tree.rewrite(model, lambda layer: layer.layer if _is_wrapper(layer) else None)
+    for variable, value in baked:
+        variable.assign(value)
     _compat.reset_compiled_functions(model)
-    return _tree.rewrite(model, lambda layer: layer.layer if _is_wrapper(layer) else None)
+    _compat.reset_compiled_functions(plain)
+    return plain
 
 
 def sparsity(model) -> dict[str, float]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import logging
+import warnings
 from typing import Union
 
 from tfopt import _compat, _tree
@@ -25,10 +27,14 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
 
     Q/DQ go where TensorRT's explicit quantization wants them: on the input
     and weights of every Conv (depthwise and separable included), Dense and
-    EinsumDense layer, and on both inputs of residual ``Add`` (and ``Dot``)
-    layers. Weights are quantized symmetrically per output channel in
-    [-127, 127]; activations per tensor with ranges tracked by a moving
-    average during training. BatchNormalization stays in float: with
+    EinsumDense layer (so the projections and feed-forward layers of
+    transformers: MultiHeadAttention, keras-hub encoder and decoder blocks),
+    and on both inputs of residual ``Add`` (and ``Dot``) layers. Normalizations
+    (LayerNormalization, RMS norms), embeddings and the attention score and
+    context products stay in float; they are listed in one warning. Weights
+    are quantized symmetrically per output channel in [-127, 127];
+    activations per tensor with ranges tracked by a moving average during
+    training. BatchNormalization stays in float: with
     per-channel weight scales, the engine folds it into the convolution
     exactly. Weights that are zero (a pruned and stripped model) stay zero.
 
@@ -44,7 +50,9 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
         model: A built Keras 3 (or tf_keras) model, pruned ones stripped first.
         config: ``"int8"`` or a :class:`tfopt.QuantizationConfig`.
         strict: Raise on layers with weights that tfopt cannot quantize
-            (instead of leaving them in float and listing them in the log).
+            (instead of leaving them in float and listing them in the
+            warning). Layers kept in float by design (normalizations,
+            embeddings) never raise.
         calibration_data: Inputs (an array, a dict of arrays, or a
             ``tf.data.Dataset`` of inputs or ``(inputs, labels)``) whose
             activation ranges initialize the quantizers, so the model is
@@ -83,9 +91,8 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
             "tells its layers they are training and activation ranges would not be "
             "tracked. Add it and pass it on: def call(self, inputs, training=None)."
         )
-    weighted, inputs_only = _plan(model, config, strict)
+    weighted, inputs_only, left_in_float = _plan(model, config, strict)
     _check_calibration_data(calibration_data)
-    _compat.reset_compiled_functions(model)
 
     def replace(layer):
         if id(layer) in weighted:
@@ -99,9 +106,14 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
             wrapper.record_sparsity()
         return wrapper
 
-    quantized = _tree.rewrite(model, replace)
-    if calibration_data is not None:
-        calibrate(quantized, calibration_data)
+    with _tree.transaction() as journal:  # a failure puts model's layers back
+        quantized = _tree.rewrite(model, replace, journal)
+        if calibration_data is not None:
+            calibrate(quantized, calibration_data)
+    _compat.reset_compiled_functions(model)
+    _compat.reset_compiled_functions(quantized)
+    if left_in_float:
+        warnings.warn(left_in_float, stacklevel=2)
     logger.info("Quantizing %d layer(s) and %d residual input set(s) of %r.",
                 len(weighted), len(inputs_only), model.name)
     return quantized
@@ -112,18 +124,26 @@ _ALREADY = (
 )
 
 
-def _plan(model, config: QuantizationConfig, strict: bool) -> tuple[set[int], set[int]]:
+def _plan(model, config: QuantizationConfig, strict: bool
+          ) -> tuple[set[int], set[int], str]:
+    """Look at the whole model: what to wrap, and the summary of what stays in float."""
     weighted: set[int] = set()
     inputs_only: set[int] = set()
     unsupported: list[str] = []
+    listed: dict[str, list[str]] = collections.defaultdict(list)
+    attention: collections.Counter = collections.Counter()
     for path, layer in _tree.walk(model, stop=lambda la: _registry.kind(la, config) == "weighted"):
         kind = _registry.kind(layer, config)
         if kind == "weighted":
             weighted.add(id(layer))
         elif kind == "inputs":
             inputs_only.add(id(layer))
+        elif kind == "listed":
+            listed[type(layer).__name__].append(path)
         elif kind == "unsupported" and not _compat.direct_sublayers(layer):
             unsupported.append(f"{path} ({type(layer).__name__})")
+        if _registry.is_attention(layer):
+            attention[type(layer).__name__] += 1
     if unsupported and strict:
         raise UnsupportedLayerError(
             f"strict=True, and {len(unsupported)} layer(s) with weights cannot be "
@@ -134,9 +154,22 @@ def _plan(model, config: QuantizationConfig, strict: bool) -> tuple[set[int], se
             f"Nothing to quantize in model {model.name!r}: tfopt quantizes Conv*, "
             "DepthwiseConv*, SeparableConv*, Dense and EinsumDense layers."
         )
+    parts = []
+    if listed:
+        parts.append("by design: " + "; ".join(
+            f"{name} x{len(paths)} ({', '.join(paths[:3])}{', ...' if len(paths) > 3 else ''})"
+            for name, paths in sorted(listed.items())))
+    if attention:
+        inside = ", ".join(f"{n} x{c}" for n, c in sorted(attention.items()))
+        parts.append("the attention score and context products (query x key, scores x "
+                     f"value) inside {inside}")
     if unsupported:
-        logger.info("Left in float (%d): %s.", len(unsupported), "; ".join(unsupported))
-    return weighted, inputs_only
+        parts.append("not supported (no quantizer for this layer type): " + "; ".join(unsupported))
+    summary = ""
+    if parts:
+        summary = (f"tfopt.quantize({model.name!r}): {len(weighted)} layer(s) quantized; left in "
+                   "float: " + " | ".join(parts) + ". See README, 'What stays in float'.")
+    return weighted, inputs_only, summary
 
 
 def _check_calibration_data(data) -> None:

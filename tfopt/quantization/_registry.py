@@ -57,6 +57,21 @@ INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
 # cost a second convolution per step.
 FLOAT_BY_DESIGN: tuple[type, ...] = (layers.BatchNormalization,)
 
+# Left in float on purpose and listed in quantize()'s summary: normalizations
+# that reduce over the features at run time (no weight to fold), and lookup
+# tables (no matrix product to run in int8). TensorRT and ONNX Runtime keep
+# them in float too. Classes of other packages (keras-hub's RMSNormalization,
+# LlamaLayerNorm, PositionEmbedding, ...) are matched by their names' endings.
+FLOAT_LISTED: tuple[type, ...] = (
+    layers.LayerNormalization, layers.GroupNormalization, layers.Embedding,
+    *((layers.RMSNormalization,) if hasattr(layers, "RMSNormalization") else ()),
+)
+FLOAT_LISTED_NAMES: tuple[str, ...] = ("Normalization", "LayerNorm", "RMSNorm", "Embedding")
+
+# Layers whose call() computes products of two activations (attention scores
+# query x key, the context scores x value): those stay in float.
+ATTENTION_NAMES: tuple[str, ...] = ("Attention",)
+
 
 def weight_axes(layer) -> Optional[dict[str, Axis]]:
     """``{weight attribute: channel axis}`` for a weighted quantizable layer, else None."""
@@ -67,11 +82,20 @@ def weight_axes(layer) -> Optional[dict[str, Axis]]:
 
 
 def kind(layer, config: QuantizationConfig) -> str:
-    """``"weighted"``, ``"inputs"``, ``"float"`` (by design or weightless) or ``"unsupported"``."""
+    """``"weighted"``, ``"inputs"``, ``"float"`` (by design or weightless), ``"listed"``
+    (float by design, and named in the summary) or ``"unsupported"``."""
     if lookup(WEIGHTED, layer) is not None:
         return "weighted"
     if isinstance(layer, INPUT_ONLY):
         return "inputs" if (config.quantize_residual_adds or isinstance(layer, layers.Dot)) else "float"
     if isinstance(layer, FLOAT_BY_DESIGN) or not layer.weights:
         return "float"
+    if isinstance(layer, FLOAT_LISTED) or type(layer).__name__.endswith(FLOAT_LISTED_NAMES):
+        return "listed"
     return "unsupported"
+
+
+def is_attention(layer) -> bool:
+    """True for an attention layer (its score and context products stay in float)."""
+    return isinstance(layer, layers.MultiHeadAttention) or any(
+        n in type(layer).__name__ for n in ATTENTION_NAMES)
