@@ -19,7 +19,8 @@ import tfopt
 from tfopt import _compat
 from tfopt.errors import ConfigError, NotAKerasModelError
 from tfopt.export import _onnx, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton
-from tfopt.export._validate import compare, sizes
+from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
+                                    relative_tolerances, rounding_noise, sizes)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ class ExportResult:
     Attributes:
         directory: The export directory.
         paths: ``{format: path}`` of every artifact written.
-        errors: ``{format: {output: {"max_abs", "max_rel", "tolerance"}}}``.
+        errors: ``{format: {output: {"max_abs", "max_rel", "tolerance", "mean_abs",
+            "mean_tolerance", "basis"}}}``: each output's error and what it was allowed.
         sizes: ``{format: {"raw": bytes, "gzip": bytes}}``.
         manifest: The contents of ``manifest.json`` (also written to disk).
     """
@@ -115,8 +117,10 @@ def export(model, directory: Union[str, os.PathLike], *,
         batch_sizes: TensorRT profile and Triton's ``max_batch_size`` (the max).
         name: Model name for Triton (default: the Keras model's name).
         tolerance: Allowed error relative to each output's largest magnitude,
-            replacing the precision's default (fp32 1e-4, fp16 2e-2, int8 5e-2,
-            each plus a small absolute floor).
+            replacing the default: fp32 1e-4 and fp16 2e-2 of it (plus a small
+            floor); int8 Q/DQ a few quantization steps of each output, read
+            from the ONNX's scales (``tfopt.export._validate.int8_tolerances``),
+            so that a scale off by 1% is refused.
 
     Returns:
         An :class:`ExportResult`.
@@ -193,9 +197,9 @@ def export(model, directory: Union[str, os.PathLike], *,
                 if fmt in chosen:
                     run = built[fmt].get("run")
                     if run is not None:
+                        limits = _tolerances(fmt, precision, reference, built, tolerance)
                         errors[fmt] = {k: e.as_dict() for k, e in compare(
-                            fmt, reference, run(feed), _validation_precision(fmt, precision),
-                            tolerance).items()}
+                            fmt, reference, run(feed), limits).items()}
                     artifact_sizes[fmt] = sizes(staged(fmt))
                     extra[fmt] = {k: v for k, v in built[fmt].items()
                                   if k not in ("run", "path", "timing_cache")}
@@ -246,6 +250,23 @@ def _effective_precision(precision: str, quantized: bool, formats) -> str:
 def _validation_precision(fmt: str, precision: str) -> str:
     # The SavedModel and frozen graph compute exactly what Keras computes.
     return "fp32" if fmt in ("saved_model", "frozen_graph") else precision
+
+
+def _tolerances(fmt: str, precision: str, reference, built, tolerance):
+    """What each output of ``fmt`` may differ from Keras by.
+
+    INT8 artifacts built from the Q/DQ ONNX (the ONNX itself, TensorRT,
+    Triton) get bounds in quantization steps of each output, read from that
+    ONNX's scales (``built["onnx"]["qdq_steps"]``), widened where the graph
+    carries rounding flips far (``built["onnx"]["qdq_noise"]``); everything else a
+    fraction of each output's largest magnitude. ``tolerance`` replaces both.
+    """
+    precision = _validation_precision(fmt, precision)
+    if tolerance is None and precision == "int8" and "qdq_steps" in built.get("onnx", {}):
+        if fmt in ("onnx", "tensorrt", "triton"):
+            return int8_tolerances(built["onnx"]["qdq_steps"], reference,
+                                   built["onnx"]["qdq_noise"])
+    return relative_tolerances(reference, precision, tolerance)
 
 
 def _progress(formats):
@@ -301,11 +322,16 @@ def _build_frozen_graph(model, signature, serve, path, need, **_):
     return {"run": run, "inputs": input_names, "outputs": output_names}
 
 
-def _build_onnx(model, signature, serve, path, need, *, precision, opset, quantized, **_):
+def _build_onnx(model, signature, serve, path, need, *, precision, opset, quantized, feed,
+                **_):
     proto = _onnx.convert(serve, signature, opset=opset, quantized=quantized)
     info = {"opset": opset}
     if quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
+        # What validation allows each output of this graph and of what is built from it.
+        info["qdq_steps"] = quantization_steps(proto)
+        info["qdq_noise"] = rounding_noise(
+            proto, {s.name: a for s, a in zip(signature.inputs, feed)})
     if precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
@@ -319,13 +345,12 @@ def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_siz
     cache = path.parent / "timing.cache.staged"
     if (directory / "timing.cache").exists():
         shutil.copy2(directory / "timing.cache", cache)
-    from tfopt.pruning import sparsity as _sparsity
-
-    sparse = _has_two_four(model, _sparsity)
+    two_four = _two_four_weights(model)
+    sparse = bool(two_four)
     _tensorrt.build_engine(onnx_path, path, signature, precision=precision,
                            batch_sizes=batch_sizes, sparse_weights=sparse, timing_cache=cache)
     return {"run": lambda arrays: _tensorrt.run_engine(path, signature, arrays),
-            "timing_cache": cache, "sparse_weights": sparse}
+            "timing_cache": cache, "sparse_weights": sparse, "two_four_weights": two_four}
 
 
 def _build_tftrt(model, signature, serve, path, need, *, precision, feed, **_):
@@ -361,13 +386,20 @@ for _fmt, _builder in [("saved_model", _build_saved_model), ("frozen_graph", _bu
     _register(_fmt, _builder)
 
 
-def _has_two_four(model, sparsity_fn) -> bool:
-    """Whether every pruned kernel looks 2:4 sparse (half zeros), for SPARSE_WEIGHTS."""
+def _two_four_weights(model) -> list[str]:
+    """The weights whose every group of 4 input channels has 2 zeros, for SPARSE_WEIGHTS.
+
+    TensorRT picks sparse kernels layer by layer, so one 2:4 layer is enough
+    to turn the flag on; layers left dense (a first convolution on 3
+    channels, say) are simply built dense.
+    """
+    from tfopt.pruning._api import n_m_weights
+
     try:
-        values = list(sparsity_fn(model).values())
+        found = n_m_weights(model, 2, 4)
     except Exception:  # noqa: BLE001 - a report, not a requirement
-        return False
-    return bool(values) and all(abs(v - 0.5) < 0.02 for v in values)
+        return []
+    return [path for path, two_four in found.items() if two_four]
 
 
 def _manifest(model, signature, reference, formats, chosen, precision, quantized, errors,
