@@ -157,6 +157,29 @@ def test_fp16_onnx_has_float16_weights_and_float32_io(tmp_path):
     assert 1e-7 < result.errors["onnx"]["out"]["max_rel"] < 2e-2
 
 
+def test_fp16_onnx_keeps_the_sensitive_ops_in_float32(tmp_path):
+    inputs = keras.Input((6,), name="features")
+    x = layers.Dense(8, name="up")(inputs)
+    x = layers.LayerNormalization(name="norm")(x)
+    outputs = layers.Dense(4, activation="softmax", name="probs")(x)
+    model = keras.Model(inputs, outputs)
+    x = np.random.default_rng(0).normal(size=(16, 6)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx",), precision="fp16",
+                          validation_data=x)
+    proto = onnx.shape_inference.infer_shapes(onnx.load(str(result.paths["onnx"])))
+    types = {v.name: v.type.tensor_type.elem_type for v in
+             list(proto.graph.value_info) + list(proto.graph.input) + list(proto.graph.output)}
+    types.update({i.name: i.data_type for i in proto.graph.initializer})
+    sensitive = [n for n in proto.graph.node if n.op_type in _onnx.FP32_OPS]
+    assert {n.op_type for n in sensitive} >= {"Softmax"}
+    assert any(n.op_type in ("ReduceMean", "LayerNormalization") for n in sensitive)
+    for node in sensitive:
+        for name in [node.input[0], *node.output]:
+            assert types[name] == onnx.TensorProto.FLOAT, (node.op_type, name)
+    matmuls = [n for n in proto.graph.node if n.op_type in ("MatMul", "Gemm")]
+    assert matmuls and all(types[n.input[1]] == onnx.TensorProto.FLOAT16 for n in matmuls)
+
+
 def test_triton_repository_parses_with_tritons_model_config(tmp_path):
     model = two_in_two_out()
     result = tfopt.export(model, tmp_path, formats=("triton",), version=3,

@@ -150,6 +150,45 @@ def test_int8_validation_refuses_a_weight_scale_off_by_one_percent(
         assert result.errors["onnx"]["logits"]["max_abs"] > 0  # the values did move
 
 
+def test_separable_conv_einsum_dense_and_dot_get_qdq(tmp_path):
+    inputs = keras.Input((6, 6, 4), name="x")
+    y = layers.SeparableConv2D(8, 3, name="sep")(inputs)  # (4, 4, 8)
+    y = layers.Reshape((16, 8))(y)
+    a = layers.EinsumDense("abc,cd->abd", output_shape=(16, 8), name="einsum")(y)
+    y = layers.Dot(axes=2, name="dot")([a, y])  # (16, 16), two activations
+    model = keras.Model(inputs, layers.Dense(3, name="head")(layers.Flatten()(y)))
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    assert isinstance(qat.get_layer("quant_sep"), QuantizeWrapper)
+    assert isinstance(qat.get_layer("quant_einsum"), QuantizeWrapper)
+    assert isinstance(qat.get_layer("quant_dot"), QuantizeInputs)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    proto, values = onnx_qdq(result.paths["onnx"])
+    # Int8 weights with per-channel scales: depthwise, pointwise, einsum and head kernels.
+    weight_dq = [n for n in proto.graph.node
+                 if n.op_type == "DequantizeLinear" and n.input[0] in values]
+    kernels = sorted(tuple(values[n.input[0]].shape) for n in weight_dq)
+    assert kernels == sorted([(3, 3, 4, 1), (8, 4, 1, 1), (8, 8), (256, 3)]), kernels
+    assert all(values[n.input[0]].dtype == np.int8 for n in weight_dq)
+    # The Dot is a product of two dequantized activations, with the ranges Keras tracked.
+    producers = {o: n for n in proto.graph.node for o in n.output}
+
+    def dequantized_from(name):
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Transpose", "Reshape", "Identity"):
+            node = producers.get(node.input[0])
+        return node if node is not None and node.op_type == "DequantizeLinear" else None
+
+    products = [n for n in proto.graph.node if n.op_type in ("MatMul", "Einsum")
+                and not any(i in values for i in n.input)
+                and all(dequantized_from(i) is not None and dequantized_from(i).input[0]
+                        not in values for i in n.input)]
+    assert len(products) == 1
+    expected = sorted(v / 127 for v in qat.get_layer("quant_dot").activation_ranges().values())
+    scales = sorted(float(values[dequantized_from(i).input[1]]) for i in products[0].input)
+    assert scales == pytest.approx(expected, rel=1e-6)
+
+
 def test_calibration_makes_the_qat_model_accurate_before_fine_tuning(trained_digits, digits):
     (x, _), (x_test, y_test) = digits
     float_accuracy = trained_digits.evaluate(x_test, y_test, verbose=0)[1]
