@@ -70,7 +70,8 @@ def test_digits_cnn_pruned_to_80_percent_keeps_accuracy_and_hits_target_sparsity
 
 
 @pytest.mark.slow
-def test_digits_qat_int8_within_one_point_and_onnx_matches_keras(trained_digits, digits, tmp_path):
+def test_digits_qat_int8_within_one_point_and_onnx_runs_it_in_int8_within_half_a_point(
+        trained_digits, digits, tmp_path):
     import numpy as np
 
     import tfopt
@@ -88,7 +89,9 @@ def test_digits_qat_int8_within_one_point_and_onnx_matches_keras(trained_digits,
     session = _onnx.session(result.paths["onnx"])
     logits = session.run(None, {"image": x_test})[0]
     onnx_accuracy = float(np.mean(logits.argmax(axis=1) == y_test))
-    assert abs(onnx_accuracy - qat_accuracy) <= 0.01
+    assert abs(onnx_accuracy - qat_accuracy) <= 0.005
+    kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
+    assert kernels["integer"] == kernels["total"] == 4  # two convolutions, two Dense layers
     max_logit_diff = result.errors["onnx"]["logits"]["max_abs"]
     print(f"float {float_accuracy:.4f} qat {qat_accuracy:.4f} onnx {onnx_accuracy:.4f} "
           f"max logit diff {max_logit_diff:.3g}")

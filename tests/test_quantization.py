@@ -55,7 +55,7 @@ def test_qat_model_trains_and_exports_int8_qdq_with_zero_points_zero(kind, tmp_p
     signature = None if kind != "subclassed" else [
         __import__("tensorflow").TensorSpec([None, 8, 8, 1], "float32", name="image")]
     result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x[:32],
-                          input_signature=signature)
+                          input_signature=signature, placement="tensorrt")
     proto, values = onnx_qdq(result.paths["onnx"])
     qdq = [n for n in proto.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
     assert qdq
@@ -84,7 +84,8 @@ def test_residual_add_gets_qdq_on_both_inputs_and_batchnorm_stays_float(tmp_path
     assert isinstance(qat.get_layer("quant_residual"), QuantizeInputs)
     assert isinstance(qat.get_layer("bn"), layers.BatchNormalization)
     fit(qat, x=x, y=rng.integers(0, 10, 32))
-    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x,
+                          placement="tensorrt")
     proto, values = onnx_qdq(result.paths["onnx"])
     producers = {o: n for n in proto.graph.node for o in n.output}
     adds = [n for n in proto.graph.node if n.op_type == "Add"

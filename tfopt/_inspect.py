@@ -11,9 +11,11 @@ def summary(path: Path) -> str:
     path = Path(path)
     if path.suffix == ".keras":
         return _keras_summary(path)
+    if path.suffix == ".onnx":
+        return _onnx_summary(path)
     if (path / "saved_model.pb").exists():
         return _saved_model_summary(path)
-    raise ValueError(f"{path} is neither a .keras file nor a SavedModel folder.")
+    raise ValueError(f"{path} is neither a .keras file, an .onnx file nor a SavedModel folder.")
 
 
 def _keras_summary(path: Path) -> str:
@@ -66,4 +68,36 @@ def _saved_model_summary(path: Path) -> str:
                   for k, v in serving.structured_input_signature[1].items()}
         outputs = {k: (tuple(v.shape), v.dtype.name) for k, v in serving.structured_outputs.items()}
         rows.append(f"\nserving_default: inputs {inputs}, outputs {outputs}")
+    return "\n".join(rows)
+
+
+def _onnx_summary(path: Path) -> str:
+    """Inputs, outputs, Q/DQ placement and how ONNX Runtime's CPU provider runs it."""
+    import onnx
+
+    from tfopt.export import _ort_quant
+
+    proto = onnx.load(str(path), load_external_data=False)
+
+    def describe(values):
+        return {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+                for v in values}
+
+    initializers = {i.name for i in proto.graph.initializer}
+    rows = [f"{path.name}: opset {max(o.version for o in proto.opset_import)}, "
+            f"{len(proto.graph.node)} nodes",
+            f"inputs {describe(proto.graph.input)}, outputs {describe(proto.graph.output)}"]
+    placement = _ort_quant.placement(proto)
+    if placement is None:
+        rows.append("no Q/DQ: a float graph")
+    else:
+        weights = sum(1 for n in proto.graph.node
+                      if n.op_type == "DequantizeLinear" and n.input[0] in initializers)
+        rows.append(f"int8 Q/DQ, {weights} quantized weights, placed for {placement}")
+    report = _ort_quant.kernel_report(path)
+    rows.append(f"ONNX Runtime CPU: {report['integer']} of {report['total']} "
+                "convolutions/matrix products run as integer kernels"
+                + (f" {report['ops']}" if report["ops"] else ""))
+    if report["float"] and placement is not None:
+        rows.append(f"in float: {', '.join(report['float'])}")
     return "\n".join(rows)

@@ -123,7 +123,8 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
         step(f"export {', '.join(formats)} ({precision})")
         exports[precision] = tfopt.export(
             current, output / "export" / precision, formats=formats, precision=precision,
-            validation_data=x_test[:64], opset=export.get("opset", 17), overwrite=True)
+            validation_data=x_test[:64], opset=export.get("opset", 17), overwrite=True,
+            placement=export.get("placement", "onnxruntime"))
     metrics["exports"] = {p: {"paths": {k: str(v) for k, v in r.paths.items()},
                               "errors": r.errors, "sizes": r.sizes}
                           for p, r in exports.items()}

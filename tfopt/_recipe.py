@@ -92,7 +92,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
     "export": {"formats": (_list_of(_string(("saved_model", "frozen_graph", "onnx", "tensorrt",
                                                "tftrt", "triton"))), False),
                "precisions": (_list_of(_string(("fp32", "fp16", "int8"))), False),
-               "opset": (_number(13, 21, integer=True), False)},
+               "opset": (_number(13, 21, integer=True), False),
+               "placement": (_string(("onnxruntime", "tensorrt")), False)},
     "bench": {"batch_sizes": (_list_of(POSITIVE_INT), False), "repeats": (POSITIVE_INT, False),
               "warmup": (EPOCHS, False), "min_seconds": (_number(0), False)},
 }

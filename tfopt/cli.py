@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     inspect = sub.add_parser("inspect", help="per-layer sparsity and quantization summary",
                              description="Summarize a .keras model or a SavedModel.")
-    inspect.add_argument("model", help=".keras file or SavedModel folder")
+    inspect.add_argument("model", help=".keras file, .onnx file or SavedModel folder")
     return parser
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -18,7 +19,9 @@ import tensorflow as tf
 import tfopt
 from tfopt import _compat
 from tfopt.errors import ConfigError, NotAKerasModelError
-from tfopt.export import _onnx, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton
+from tfopt.export import (
+    _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
+)
 from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
                                     relative_tolerances, rounding_noise, sizes)
 
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("saved_model", "frozen_graph", "onnx", "tensorrt", "tftrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
+# Where an INT8 ONNX puts its Q/DQ, by the engine that runs it as integer kernels.
+PLACEMENTS = ("onnxruntime", "tensorrt")
 
 
 @dataclasses.dataclass
@@ -75,7 +80,8 @@ def export(model, directory: Union[str, os.PathLike], *,
            input_signature=None, validation_data=None, version: int = 1,
            overwrite: bool = False, freeze: bool = False, warmup: bool = False,
            opset: int = _onnx.DEFAULT_OPSET, batch_sizes: tuple[int, int, int] = (1, 8, 64),
-           name: Optional[str] = None, tolerance: Optional[float] = None) -> ExportResult:
+           name: Optional[str] = None, tolerance: Optional[float] = None,
+           placement: str = "onnxruntime") -> ExportResult:
     """Export a Keras model for serving and check every artifact against it.
 
     Artifacts (``formats``), under ``directory``:
@@ -88,10 +94,12 @@ def export(model, directory: Union[str, os.PathLike], *,
     * ``frozen_graph``: ``frozen_graph.pb``, a GraphDef with constants and
       BatchNorm folded.
     * ``onnx``: ``model.onnx`` through tf2onnx (opset ``opset``); FP16 inside
-      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models.
+      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models,
+      placed for the engine named by ``placement``.
     * ``tensorrt``: ``model.plan``, a TensorRT engine built from the ONNX
-      (needs the ``tensorrt`` package and a GPU), with a batch profile
-      ``batch_sizes=(min, opt, max)`` and ``timing.cache`` reused across runs.
+      in TensorRT's placement (needs the ``tensorrt`` package and a GPU),
+      with a batch profile ``batch_sizes=(min, opt, max)`` and
+      ``timing.cache`` reused across runs.
     * ``tftrt``: ``tftrt/<version>/``, only where TensorFlow has TensorRT.
     * ``triton``: ``triton/<name>/``, a Triton model repository serving the ONNX.
 
@@ -121,6 +129,16 @@ def export(model, directory: Union[str, os.PathLike], *,
             floor); int8 Q/DQ a few quantization steps of each output, read
             from the ONNX's scales (``tfopt.export._validate.int8_tolerances``),
             so that a scale off by 1% is refused.
+        placement: For QAT models, where the ONNX puts its Q/DQ.
+            ``"onnxruntime"`` (default): BatchNormalization folded into the
+            convolutions, a Q after each one, uint8 activations and int32
+            biases, the form ONNX Runtime's CPU provider and OpenVINO run as
+            integer kernels (ranges QAT did not train are calibrated on
+            ``validation_data``). ``"tensorrt"``: int8 Q/DQ with zero points
+            0 on the inputs and weights of each layer and both inputs of
+            residual adds, BatchNormalization left for TensorRT to fuse
+            (what ``trtexec`` and Triton's TensorRT backend build from; slow
+            on ONNX Runtime's CPU provider). The manifest records which.
 
     Returns:
         An :class:`ExportResult`.
@@ -141,6 +159,10 @@ def export(model, directory: Union[str, os.PathLike], *,
     formats = _check_formats(formats)
     if precision not in PRECISIONS:
         raise ConfigError(f"Unknown precision {precision!r}. Valid: {list(PRECISIONS)}.")
+    if placement not in PLACEMENTS:
+        raise ConfigError(
+            f"Unknown placement {placement!r}. Valid: {list(PLACEMENTS)}: 'onnxruntime' for "
+            "ONNX Runtime's CPU provider and OpenVINO, 'tensorrt' for TensorRT.")
     from tfopt.pruning import is_pruned
     from tfopt.quantization import is_quantized
 
@@ -193,7 +215,8 @@ def export(model, directory: Union[str, os.PathLike], *,
                                             feed=feed, precision=precision, freeze=freeze,
                                             warmup=warmup, opset=opset, quantized=quantized,
                                             batch_sizes=batch_sizes, name=name, version=version,
-                                            reference=reference, directory=directory)
+                                            reference=reference, directory=directory,
+                                            placement=placement)
                 if fmt in chosen:
                     run = built[fmt].get("run")
                     if run is not None:
@@ -257,15 +280,16 @@ def _tolerances(fmt: str, precision: str, reference, built, tolerance):
 
     INT8 artifacts built from the Q/DQ ONNX (the ONNX itself, TensorRT,
     Triton) get bounds in quantization steps of each output, read from that
-    ONNX's scales (``built["onnx"]["qdq_steps"]``), widened where the graph
-    carries rounding flips far (``built["onnx"]["qdq_noise"]``); everything else a
+    ONNX's scales (``qdq_steps`` of the ONNX it runs: ``built["tensorrt"]`` when
+    TensorRT built its own placement, else ``built["onnx"]``), widened where the
+    graph carries rounding flips far (``qdq_noise``); everything else a
     fraction of each output's largest magnitude. ``tolerance`` replaces both.
     """
     precision = _validation_precision(fmt, precision)
-    if tolerance is None and precision == "int8" and "qdq_steps" in built.get("onnx", {}):
+    source = built.get(fmt) if "qdq_steps" in built.get(fmt, {}) else built.get("onnx", {})
+    if tolerance is None and precision == "int8" and "qdq_steps" in source:
         if fmt in ("onnx", "tensorrt", "triton"):
-            return int8_tolerances(built["onnx"]["qdq_steps"], reference,
-                                   built["onnx"]["qdq_noise"])
+            return int8_tolerances(source["qdq_steps"], reference, source["qdq_noise"])
     return relative_tolerances(reference, precision, tolerance)
 
 
@@ -323,25 +347,56 @@ def _build_frozen_graph(model, signature, serve, path, need, **_):
 
 
 def _build_onnx(model, signature, serve, path, need, *, precision, opset, quantized, feed,
-                **_):
+                placement, **_):
     proto = _onnx.convert(serve, signature, opset=opset, quantized=quantized)
     info = {"opset": opset}
     if quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
-        # What validation allows each output of this graph and of what is built from it.
+        info["qdq_placement"] = placement
+        if placement == "onnxruntime":
+            proto = _ort_quant.quantize_for_cpu(proto, signature.input_names, feed)
+    if quantized:
+        # What validation allows each output of this graph (the placement's own Q/DQ)
+        # and of what is built from it.
         info["qdq_steps"] = quantization_steps(proto)
         info["qdq_noise"] = rounding_noise(
             proto, {s.name: a for s, a in zip(signature.inputs, feed)})
     if precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
+    if quantized:
+        info["ort_cpu_kernels"] = _kernel_report(path, placement)
     return {"run": _onnx_runner(path, signature), **info}
 
 
+def _kernel_report(path: Path, placement: str) -> dict:
+    """Which compute ops ONNX Runtime's CPU provider runs as integer kernels; warn about the rest."""
+    report = _ort_quant.kernel_report(path)
+    left = report["float"]
+    if left and placement == "onnxruntime":
+        warnings.warn(
+            f"{len(left)} of {report['total']} convolutions/matrix products run in float on "
+            f"ONNX Runtime's CPU provider: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}. "
+            "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.",
+            stacklevel=4)
+    return {"integer": report["integer"], "total": report["total"], "ops": report["ops"]}
+
+
 def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_sizes,
-                    directory, **_):
+                    directory, quantized, placement, opset, feed, **_):
     _compat.import_tensorrt()  # a clear error before any work
-    onnx_path = need("onnx")["path"]
+    steps = {}
+    if quantized and placement != "tensorrt":
+        # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
+        onnx_path = path.with_name("tensorrt-placement.onnx")
+        proto = _onnx.convert(serve, signature, opset=opset, quantized=True)
+        _onnx.save(proto, onnx_path)
+        steps = {"qdq_steps": quantization_steps(proto), "qdq_noise": rounding_noise(
+            proto, {s.name: a for s, a in zip(signature.inputs, feed)})}
+    else:
+        onnx_info = need("onnx")
+        onnx_path = onnx_info["path"]
+        steps = {k: onnx_info[k] for k in ("qdq_steps", "qdq_noise") if k in onnx_info}
     cache = path.parent / "timing.cache.staged"
     if (directory / "timing.cache").exists():
         shutil.copy2(directory / "timing.cache", cache)
@@ -350,7 +405,8 @@ def _build_tensorrt(model, signature, serve, path, need, *, precision, batch_siz
     _tensorrt.build_engine(onnx_path, path, signature, precision=precision,
                            batch_sizes=batch_sizes, sparse_weights=sparse, timing_cache=cache)
     return {"run": lambda arrays: _tensorrt.run_engine(path, signature, arrays),
-            "timing_cache": cache, "sparse_weights": sparse, "two_four_weights": two_four}
+            "timing_cache": cache, "sparse_weights": sparse, "two_four_weights": two_four,
+            **steps}
 
 
 def _build_tftrt(model, signature, serve, path, need, *, precision, feed, **_):

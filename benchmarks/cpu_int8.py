@@ -1,0 +1,182 @@
+"""INT8 on ONNX Runtime's CPU provider: tfopt's two Q/DQ placements beside FP32 and ORT's own.
+
+For each model (keras.applications, weights=None, 224x224, logits), in one
+interleaved run on ONNX Runtime's CPU provider, at batch 1 and 32:
+
+* ``fp32``: tfopt's float ONNX export;
+* ``tfopt int8``: the QAT model (tfopt.quantize, calibrated on random images:
+  latency does not depend on accuracy) exported with the default placement
+  (``placement="onnxruntime"``);
+* ``tfopt int8 trt``: the same QAT model in TensorRT's placement;
+* ``ort quantize_static``: ONNX Runtime's post-training quantizer on the FP32
+  file (QDQ, per-channel int8 weights, uint8 activations, after
+  ``quant_pre_process``), the anchor.
+
+Also printed: how many convolutions/matrix products ONNX Runtime runs as
+integer kernels (from its optimized graph), file sizes, and the cosine
+similarity of each INT8 file's logits with the Keras QAT model's.
+
+Usage: python benchmarks/cpu_int8.py [--models resnet50,mobilenetv2,efficientnetb0]
+       [--rounds-b1 30] [--rounds-b32 7] [--json benchmarks/results/cpu_int8.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+
+import tfopt  # noqa: E402
+from tfopt.export import _ort_quant  # noqa: E402
+
+MODELS = {
+    "resnet50": keras.applications.ResNet50,
+    "mobilenetv2": keras.applications.MobileNetV2,
+    "efficientnetb0": keras.applications.EfficientNetB0,
+}
+
+
+def build(name: str) -> keras.Model:
+    return MODELS[name](weights=None, input_shape=(224, 224, 3), classifier_activation=None)
+
+
+def images(n: int, seed: int) -> np.ndarray:
+    """Random images in [0, 255]: each model's own preprocessing sees what it expects."""
+    return np.random.default_rng(seed).uniform(0, 255, size=(n, 224, 224, 3)).astype("float32")
+
+
+def anchor(fp32_path: Path, out: Path, calibration: np.ndarray) -> Path:
+    """ONNX Runtime's quantize_static of the float file, as its docs recommend for x86."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    folded = out.with_name("anchor_pre.onnx")
+    quant_pre_process(str(fp32_path), str(folded))
+    name = ort.InferenceSession(str(folded), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+    batches = iter([{name: calibration[i:i + 8]} for i in range(0, len(calibration), 8)])
+
+    class Reader:
+        def get_next(self):
+            return next(batches, None)
+
+    quantize_static(str(folded), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return out
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.reshape(len(a), -1).astype(np.float64), b.reshape(len(b), -1).astype(np.float64)
+    per = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return float(per.min())
+
+
+def prepare(name: str, workdir: Path) -> dict:
+    model = build(name)
+    calibration = images(32, seed=1)
+    check = images(16, seed=2)
+    print(f"[{name}] exporting FP32, QAT INT8 (both placements) and the anchor ...", flush=True)
+    start = time.perf_counter()
+    fp32 = tfopt.export(model, workdir / f"{name}_fp32", formats=("onnx",),
+                        validation_data=check[:4])
+    qat = tfopt.quantize(model, "int8", calibration_data=calibration)
+    reference = np.asarray(qat(check, training=False))
+    exports = {
+        "tfopt int8": tfopt.export(qat, workdir / f"{name}_int8", formats=("onnx",),
+                                   validation_data=calibration),
+        "tfopt int8 trt": tfopt.export(qat, workdir / f"{name}_int8_trt", formats=("onnx",),
+                                       validation_data=calibration, placement="tensorrt"),
+    }
+    paths = {"fp32": fp32.paths["onnx"], **{k: r.paths["onnx"] for k, r in exports.items()}}
+    paths["ort quantize_static"] = anchor(paths["fp32"], workdir / f"{name}_anchor.onnx",
+                                          calibration)
+    print(f"[{name}] prepared in {time.perf_counter() - start:.0f} s", flush=True)
+    info = {}
+    for key, path in paths.items():
+        kernels = _ort_quant.kernel_report(path)
+        sess = session(path)
+        out = sess.run(None, {sess.get_inputs()[0].name: check})[0]
+        info[key] = {
+            "path": str(path), "size_mb": Path(path).stat().st_size / 2**20,
+            "integer_ops": kernels["integer"], "compute_ops": kernels["total"],
+            "cosine_vs_keras_qat": None if key == "fp32" else cosine(out, reference),
+        }
+    return {"paths": paths, "info": info}
+
+
+def time_interleaved(paths: dict, batch: int, rounds: int) -> dict:
+    """Median seconds per call; every round times each file once, in turn."""
+    sessions = {k: session(p) for k, p in paths.items()}
+    x = images(batch, seed=3)
+    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
+    for key, sess in sessions.items():  # warm-up
+        for _ in range(2):
+            sess.run(None, feeds[key])
+    samples = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for key, sess in sessions.items():
+            start = time.perf_counter()
+            sess.run(None, feeds[key])
+            samples[key].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="resnet50,mobilenetv2,efficientnetb0")
+    parser.add_argument("--rounds-b1", type=int, default=30)
+    parser.add_argument("--rounds-b32", type=int, default=7)
+    parser.add_argument("--json", default="benchmarks/results/cpu_int8.json")
+    args = parser.parse_args()
+
+    results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
+                               "cpu": platform.processor() or platform.machine(),
+                               "cores": os.cpu_count()},
+               "models": {}}
+    with tempfile.TemporaryDirectory(prefix="tfopt-cpu-int8-") as tmp:
+        for name in args.models.split(","):
+            prepared = prepare(name, Path(tmp))
+            timings = {batch: time_interleaved(prepared["paths"], batch, rounds)
+                       for batch, rounds in ((1, args.rounds_b1), (32, args.rounds_b32))}
+            results["models"][name] = {"files": prepared["info"], "median_ms": {
+                str(b): {k: 1000 * v for k, v in t.items()} for b, t in timings.items()}}
+            print_table(name, results["models"][name])
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json}")
+
+
+def print_table(name: str, result: dict) -> None:
+    files, ms = result["files"], result["median_ms"]
+    print(f"\n{name}: median ms on ONNX Runtime CPU (x = speed-up over fp32)")
+    print(f"{'file':<22}{'batch 1':>16}{'batch 32':>18}{'int ops':>10}{'MB':>8}{'cosine':>9}")
+    for key, info in files.items():
+        cells = []
+        for batch in ("1", "32"):
+            value = ms[batch][key]
+            cells.append(f"{value:9.2f} ({ms[batch]['fp32'] / value:4.2f}x)")
+        cos = "" if info["cosine_vs_keras_qat"] is None else f"{info['cosine_vs_keras_qat']:.4f}"
+        print(f"{key:<22}{cells[0]:>16}{cells[1]:>18}"
+              f"{info['integer_ops']:>5}/{info['compute_ops']:<4}{info['size_mb']:>8.1f}{cos:>9}")
+    print(flush=True)
+
+
+if __name__ == "__main__":
+    main()

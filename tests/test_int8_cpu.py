@@ -1,0 +1,270 @@
+"""INT8 ONNX per engine: ONNX Runtime CPU's placement fuses, TensorRT's keeps TensorRT's rules.
+
+Each ONNX Runtime fusion rule (``onnxruntime/core/optimizer/qdq_transformer/``)
+is checked on a tiny QAT model built to need it: the export must run every
+convolution and matrix product as an integer kernel, which is what ONNX
+Runtime's optimized graph (``optimized_model_filepath``) shows.
+"""
+
+import collections
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from keras import layers
+from onnx import numpy_helper
+
+import tfopt
+from tfopt import errors
+from tfopt.export import _ort_quant
+
+
+def optimized_ops(path) -> collections.Counter:
+    """Op types of ONNX Runtime's optimized graph, at the level where QDQ fusions run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "o.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        return collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath)
+                                   .graph.node)
+
+
+def conv_bn(x, filters, name, kernel=3, activation=None):
+    x = layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=name)(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation(activation)(x) if isinstance(activation, str) else (
+        activation(x) if activation else x)
+
+
+def head(x):
+    x = layers.GlobalAveragePooling2D()(x)
+    return layers.Dense(10, name="logits")(x)
+
+
+def conv_bn_relu():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "c1", activation="relu")
+    x = conv_bn(x, 8, "c2", activation="relu")
+    return keras.Model(inputs, head(x))
+
+
+def relu6():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "c1", activation=layers.ReLU(6.0))
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = layers.BatchNormalization(name="dw_bn")(x)
+    x = layers.ReLU(6.0)(x)
+    x = conv_bn(x, 8, "project")
+    return keras.Model(inputs, head(x))
+
+
+def residual():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "stem", activation="relu")
+    y = conv_bn(x, 8, "branch_a", activation="relu")
+    y = conv_bn(y, 8, "branch_b")
+    x = layers.Activation("relu")(layers.Add()([x, y]))
+    return keras.Model(inputs, head(x))
+
+
+def concat():
+    inputs = keras.Input((8, 8, 3), name="image")
+    a = conv_bn(inputs, 4, "left", kernel=1, activation="relu")
+    b = conv_bn(inputs, 4, "right", kernel=3, activation="relu")
+    x = layers.Concatenate()([a, b])
+    x = conv_bn(x, 8, "after", activation="relu")
+    return keras.Model(inputs, head(x))
+
+
+def dense_mlp():
+    inputs = keras.Input((16,), name="features")
+    x = layers.Dense(32, activation="relu", name="hidden")(inputs)
+    return keras.Model(inputs, layers.Dense(10, name="logits")(x))
+
+
+RULES = {
+    # name: (model, ops that must be gone from the optimized graph, ops that must be there)
+    "batchnorm folded, relu absorbed": (conv_bn_relu, {"BatchNormalization", "Relu"},
+                                        {"QLinearConv"}),
+    "clipped relu absorbed, depthwise": (relu6, {"Clip", "BatchNormalization"}, {"QLinearConv"}),
+    "residual add": (residual, {"Add", "Relu"}, {"QLinearAdd", "QLinearConv"}),
+    "concatenate": (concat, {"Concat"}, {"QLinearConcat", "QLinearConv"}),
+    "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
+}
+
+
+def randomize_batchnorm(model, seed=0):
+    """Give BN non-trivial statistics, negative scales included, so folding is tested."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, n) * rng.choice([-1, 1], n),
+                               rng.normal(0, 0.2, n), rng.normal(0, 0.2, n),
+                               rng.uniform(0.5, 2.0, n)])
+
+
+def qat_of(make, n=32, seed=0):
+    model = make()
+    randomize_batchnorm(model, seed)
+    shape = model.inputs[0].shape[1:]
+    x = np.random.default_rng(seed).normal(size=(n, *shape)).astype("float32")
+    return tfopt.quantize(model, calibration_data=x), x
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_each_onnx_runtime_fusion_rule_on_a_tiny_graph(rule, tmp_path):
+    make, gone, present = RULES[rule]
+    qat, x = qat_of(make)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
+    assert kernels["integer"] == kernels["total"] > 0, kernels
+    ops = optimized_ops(result.paths["onnx"])
+    assert not gone & set(ops), ops
+    assert present <= set(ops), ops
+    assert not {"Conv", "MatMul", "Gemm"} & set(ops), ops
+    # The output stays float, and the export still matches the Keras QAT model.
+    output = onnx.load(str(result.paths["onnx"])).graph.output[0]
+    assert output.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    (error,) = result.errors["onnx"].values()
+    assert error["max_rel"] < 0.05
+
+
+def test_cpu_placement_has_scalar_zero_points_uint8_activations_and_int32_biases(tmp_path):
+    qat, x = qat_of(conv_bn_relu)
+    path = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x).paths["onnx"]
+    proto = onnx.load(str(path))
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    activation_q = [n for n in proto.graph.node
+                    if n.op_type == "QuantizeLinear" and n.input[0] not in values]
+    assert activation_q
+    for node in activation_q:
+        assert len(node.input) == 3 and values[node.input[2]].shape == ()
+        assert values[node.input[2]].dtype == np.uint8
+    biases = [values[n.input[0]] for n in proto.graph.node
+              if n.op_type == "DequantizeLinear" and n.input[0] in values
+              and values[n.input[0]].dtype == np.int32]
+    assert len(biases) == 2  # one per convolution, BatchNorm's shift folded in
+
+
+def weight_tensors(path):
+    proto = onnx.load(str(path))
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    return sorted((values[n.input[0]] for n in proto.graph.node
+                   if n.op_type == "DequantizeLinear" and n.input[0] in values
+                   and values[n.input[0]].dtype == np.int8), key=lambda w: w.shape)
+
+
+def test_batchnorm_folding_keeps_the_int8_weights_qat_trained(tmp_path):
+    """Folding scales each channel: the int8 values stay, up to BN's sign per channel."""
+    qat, x = qat_of(conv_bn_relu)
+    cpu = tfopt.export(qat, tmp_path / "cpu", formats=("onnx",), validation_data=x)
+    trt = tfopt.export(qat, tmp_path / "trt", formats=("onnx",), validation_data=x,
+                       placement="tensorrt")
+    folded = weight_tensors(cpu.paths["onnx"])
+    trained = weight_tensors(trt.paths["onnx"])
+    assert [w.shape for w in folded] == [w.shape for w in trained]
+    for a, b in zip(folded, trained):
+        axis = 0 if a.ndim == 4 else 1  # Conv OIHW, MatMul (in, out)
+        reduce = tuple(d for d in range(a.ndim) if d != axis)
+        sign = np.sign((a.astype(int) * b).sum(axis=reduce, keepdims=True))
+        assert np.array_equal(a, b * sign)
+    # Negative BN scales were there to be folded.
+    gammas = [la.gamma.numpy() for la in qat.layers if isinstance(la, layers.BatchNormalization)]
+    assert any((g < 0).any() for g in gammas)
+
+
+def assert_tensorrt_explicit_quantization(proto):
+    """TensorRT's rules: int8 only, zero points 0, per-channel weight scales on the output
+    axis, Q/DQ on every Conv/MatMul input and on both inputs of residual Adds."""
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    for node in proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            zero = values[node.input[2]]
+            assert zero.dtype == np.int8 and np.all(zero == 0), node.name
+
+    def from_dq(name):  # through layout ops tf2onnx puts between DQ and its consumer
+        node = producers.get(name)
+        while node is not None and node.op_type in ("Reshape", "Transpose", "Squeeze"):
+            node = producers.get(node.input[0])
+        return node is not None and node.op_type == "DequantizeLinear"
+
+    compute = [n for n in proto.graph.node if n.op_type in ("Conv", "MatMul", "Gemm")]
+    assert compute
+    for node in compute:
+        assert from_dq(node.input[0]) and from_dq(node.input[1]), node.name
+    adds = [n for n in proto.graph.node if n.op_type == "Add"
+            and not any(i in values for i in n.input)]
+    for node in adds:
+        assert all(from_dq(i) for i in node.input), node.name
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in values:
+            weight, scale = values[node.input[0]], values[node.input[1]]
+            assert weight.dtype == np.int8 and weight.min() >= -127
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            assert scale.shape == (weight.shape[axis],)
+    return len(adds)
+
+
+def test_tensorrt_placement_follows_tensorrt_explicit_quantization_rules(tmp_path):
+    qat, x = qat_of(residual)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x,
+                          placement="tensorrt")
+    assert assert_tensorrt_explicit_quantization(onnx.load(str(result.paths["onnx"]))) == 1
+    artifact = result.manifest["artifacts"]["onnx"]
+    assert artifact["qdq_placement"] == "tensorrt"
+    # On ONNX Runtime's CPU provider nothing of it fuses: the reason the default differs.
+    assert artifact["ort_cpu_kernels"]["integer"] == 0
+    assert result.errors["onnx"]["logits"]["max_rel"] < 1e-5  # the QAT graph, as Keras runs it
+
+
+def test_tensorrt_planted_violation_is_caught_by_the_checker(tmp_path):
+    """The checker above can fail: a uint8 zero point (ORT's placement) breaks it."""
+    qat, x = qat_of(residual)
+    path = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x).paths["onnx"]
+    with pytest.raises(AssertionError):
+        assert_tensorrt_explicit_quantization(onnx.load(str(path)))
+
+
+def test_manifest_and_inspect_name_the_placement_and_count_integer_kernels(tmp_path):
+    qat, x = qat_of(residual)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    artifact = result.manifest["artifacts"]["onnx"]
+    assert artifact["qdq_placement"] == "onnxruntime"
+    assert artifact["ort_cpu_kernels"]["integer"] == artifact["ort_cpu_kernels"]["total"] == 4
+    shown = subprocess.run([sys.executable, "-m", "tfopt.cli", "inspect", result.paths["onnx"]],
+                           capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "placed for onnxruntime" in shown.stdout
+    assert "4 of 4 convolutions/matrix products run as integer kernels" in shown.stdout
+
+
+def test_layers_left_in_float_are_named_in_one_warning(tmp_path):
+    """Attention scores (two activations multiplied) stay float in QAT, and are named."""
+    inputs = keras.Input((6, 16), name="tokens")
+    x = layers.MultiHeadAttention(num_heads=2, key_dim=8, name="mha")(inputs, inputs)
+    x = layers.GlobalAveragePooling1D()(x)
+    model = keras.Model(inputs, layers.Dense(4, name="logits")(x))
+    x = np.random.default_rng(0).normal(size=(16, 6, 16)).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    with pytest.warns(UserWarning, match=r"of \d+ convolutions/matrix products run in float") \
+            as record:
+        result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    assert len([w for w in record if "run in float" in str(w.message)]) == 1
+    kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
+    assert 0 < kernels["integer"] < kernels["total"]
+
+
+def test_unknown_placement_names_the_valid_ones(tmp_path):
+    qat, x = qat_of(dense_mlp)
+    with pytest.raises(errors.ConfigError, match=r"'tensorrt'.*'onnxruntime'|'onnxruntime'"):
+        tfopt.export(qat, tmp_path, formats=("onnx",), placement="trt")
+    assert not any(tmp_path.iterdir())

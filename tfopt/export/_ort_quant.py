@@ -1,0 +1,408 @@
+"""INT8 ONNX for ONNX Runtime's CPU provider, written by ONNX Runtime's own quantizer.
+
+tfopt's QAT graph, as tf2onnx converts it, puts Q/DQ where TensorRT wants
+them: on the inputs and weights of each convolution, with BatchNormalization
+and ReLU left between one convolution and the next Q. TensorRT fuses all of
+that when it builds an engine; ONNX Runtime's CPU provider does not. Its
+QDQ selectors (``onnxruntime/core/optimizer/qdq_transformer/``) fuse only
+node units ``DQ(x) + DQ(w) [+ DQ(int32 bias)] -> Conv/Gemm/MatMul -> Q``, a
+ReLU only when the Q after it has the type's minimum as zero point, and
+binary ops only with DQ on both inputs and a Q on the output. Anything else
+runs in float, dequantizing its weights at every call.
+
+So the CPU placement is rewritten from the QAT graph here, in three steps:
+
+1. :func:`dequantize`: the float graph the QAT model computes (weights
+   replaced by their fake-quantized values, activation Q/DQ pairs removed),
+   and the trained range of every activation QAT quantized.
+2. ``quant_pre_process`` folds BatchNormalization into the convolutions.
+   With per-channel weight scales this is exact: each channel's int8
+   weights stay what QAT trained, and the channel's scale absorbs BN's
+   factor.
+3. ``quantize_static`` (QDQ format, the writer whose output ONNX Runtime's
+   fusions are written against) quantizes the folded graph with the QAT
+   ranges imposed through ``TensorQuantOverrides``: tensors QAT quantized
+   keep QAT's grid exactly (int8 with zero point 0 and scale ``s`` becomes
+   uint8 with zero point 128 and scale ``s``, the same values; after a ReLU,
+   uint8 with zero point 0 and scale ``s``, so the ReLU is absorbed).
+   Tensors QAT left alone between two quantized ops (a residual sum, a
+   pooling, a swish) are calibrated on the export's data, as ONNX Runtime's
+   post-training quantizer does. Convolutions and matrix products QAT left
+   in float stay in float, and the graph's outputs stay float.
+
+Two deviations from the QAT model, both small and both toward float: after
+a ReLU, values above the trained maximum saturate at twice it (uint8's
+range) instead of at it; after a clipped ReLU (ReLU6) whose trained range
+would overflow the clip in uint8, the step is ``clip / 255`` instead of
+QAT's ``amax / 127``. Biases become int32 at the input-times-weight scale.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from tfopt.errors import BackendUnavailableError
+
+logger = logging.getLogger(__name__)
+
+# Layout ops a Q/DQ pair may straddle (tf2onnx moves Transpose/Squeeze between them).
+_LAYOUT = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
+
+# Ops ONNX Runtime's quantizer may turn into integer kernels here. LayerNormalization,
+# Softmax, Gather (embeddings) and the like stay in float, as in the QAT model.
+_QUANTIZABLE_OPS = [
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Relu", "Clip",
+    "Sigmoid", "LeakyRelu", "GlobalAveragePool", "AveragePool", "MaxPool", "Resize", "Pad",
+    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
+]
+
+# The compute ops whose fusion the export reports, and what ONNX Runtime
+# turns them into when it runs them as integer kernels.
+COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
+               "FusedMatMul", "Einsum"}
+INTEGER_OPS = {"QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul",
+               "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
+               "ConvInteger", "QAttention"}
+
+
+def _require_quantization():
+    try:
+        from onnxruntime import quantization  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "The ONNX Runtime INT8 placement needs onnxruntime: pip install 'tfopt[onnx]'."
+        ) from exc
+
+
+@dataclasses.dataclass
+class QatGraph:
+    """The float graph a QAT model computes, and the ranges QAT trained."""
+
+    proto: object  # onnx.ModelProto, float
+    ranges: dict[str, float]  # tensor name -> trained absolute maximum
+    per_channel: bool  # whether QAT's weight scales are per output channel
+
+
+def dequantize(proto) -> QatGraph:
+    """Remove the Q/DQ of a tfopt QAT ONNX graph, keeping what they computed.
+
+    Weights become float initializers holding the fake-quantized values
+    (``int8 * scale``), activation ``Q -> [layout ops] -> DQ`` chains become
+    the layout ops alone, and each activation's trained range (``127 *
+    scale``, symmetric int8 with zero point 0) is kept by tensor name, for
+    the quantized tensor and for what the layout ops make of it.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())  # leave the caller's alone
+    graph = proto.graph
+    _fold_constant_layout(graph)
+    initializers = {i.name: i for i in graph.initializer}
+
+    def array(name):
+        return numpy_helper.to_array(initializers[name])
+
+    def fake_quantized(values, node):
+        scale = array(node.input[1]).astype(np.float32)
+        zero = array(node.input[2]).astype(np.float32) if len(node.input) > 2 else np.float32(0)
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+        if scale.ndim == 1:
+            shape = [1] * values.ndim
+            shape[axis] = -1
+            scale, zero = scale.reshape(shape), np.reshape(zero, shape)
+        return scale, zero
+
+    producers = {o: n for n in graph.node for o in n.output}
+    rename: dict[str, str] = {}
+    ranges: dict[str, float] = {}
+    removed: set[int] = set()
+    weights = []
+    per_channel = False
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        source = node.input[0]
+        quantize = producers.get(source)
+        if source in initializers:  # an int8 weight
+            quantized = array(source).astype(np.float32)
+            scale, zero = fake_quantized(quantized, node)
+            value = (quantized - zero) * scale
+        elif quantize is not None and quantize.op_type == "QuantizeLinear" \
+                and quantize.input[0] in initializers:  # a float weight quantized at run time
+            weight = array(quantize.input[0]).astype(np.float32)
+            scale, zero = fake_quantized(weight, quantize)
+            info = np.iinfo(array(quantize.input[2]).dtype)
+            value = (np.clip(np.rint(weight / scale) + zero, info.min, info.max) - zero) * scale
+            removed.add(id(quantize))
+        else:  # an activation: its Q is handled below
+            rename[node.output[0]] = source
+            removed.add(id(node))
+            continue
+        per_channel = per_channel or np.size(scale) > 1
+        weights.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
+        removed.add(id(node))
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and id(node) not in removed:
+            scale = float(array(node.input[1]))
+            ranges[node.input[0]] = max(ranges.get(node.input[0], 0.0), 127.0 * scale)
+            rename[node.output[0]] = node.input[0]
+            removed.add(id(node))
+
+    def resolve(name):
+        while name in rename:
+            name = rename[name]
+        return name
+
+    kept = [n for n in graph.node if id(n) not in removed]
+    for node in kept:
+        node.input[:] = [resolve(i) for i in node.input]
+        if node.op_type in _LAYOUT and node.input[0] in ranges:
+            ranges[node.output[0]] = ranges[node.input[0]]
+    del graph.node[:]
+    graph.node.extend(kept)
+    graph.initializer.extend(weights)
+    del graph.value_info[:]  # layout ops between Q and DQ were typed int8; shapes are re-inferred
+    used = {i for n in kept for i in n.input}
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return QatGraph(proto, ranges, per_channel)
+
+
+def _fold_constant_layout(graph) -> None:
+    """Apply layout ops whose inputs are all initializers (tf2onnx reshapes int8 weights
+    between the initializer and its DequantizeLinear), so each weight DQ reads an initializer."""
+    from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    initializers = {i.name: i for i in graph.initializer}
+    kept = []
+    for node in graph.node:
+        inputs = [i for i in node.input if i]
+        if node.op_type in _LAYOUT and inputs and all(i in initializers for i in inputs):
+            values = ReferenceEvaluator(node).run(
+                None, {i: numpy_helper.to_array(initializers[i]) for i in inputs})
+            folded = numpy_helper.from_array(np.asarray(values[0]), node.output[0])
+            graph.initializer.append(folded)
+            initializers[folded.name] = folded
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+
+
+def _overrides(proto, ranges: dict[str, float]) -> dict:
+    """``TensorQuantOverrides`` that put each QAT-quantized tensor on QAT's own grid."""
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType
+
+    initializers = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    overrides = {}
+    for tensor, amax in ranges.items():
+        step = amax / 127.0
+        producer = producers.get(tensor)
+        zero = 128
+        if producer is not None and producer.op_type in ("Relu", "Clip"):
+            # Non-negative: uint8 zero point 0 lets ONNX Runtime absorb the activation.
+            zero = 0
+            if producer.op_type == "Clip" and len(producer.input) > 2 and producer.input[2]:
+                clip = float(initializers.get(producer.input[2], np.inf))
+                if 255 * step > clip:  # the Q must not reach past the clip, or it stays
+                    step = clip / 255.0
+        overrides[tensor] = [{"quant_type": QuantType.QUInt8,
+                              "scale": np.array(step, dtype=np.float32),
+                              "zero_point": np.array(zero, dtype=np.uint8)}]
+    return overrides
+
+
+def _float_compute_nodes(proto, ranges: dict[str, float]) -> list[str]:
+    """Convolutions and matrix products QAT left in float: their activation input has no range."""
+    return [n.name for n in proto.graph.node
+            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
+            and n.input[0] not in ranges]
+
+
+class _Batches:
+    """ONNX Runtime's calibration reader over in-memory arrays."""
+
+    def __init__(self, names: Sequence[str], arrays: Sequence[np.ndarray], batch_size: int):
+        total = len(arrays[0])
+        self._batches = iter([{n: a[i:i + batch_size] for n, a in zip(names, arrays)}
+                              for i in range(0, total, batch_size)])
+
+    def get_next(self):
+        return next(self._batches, None)
+
+
+def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequence[np.ndarray],
+                     *, batch_size: int = 16, max_samples: int = 256):
+    """The ONNX Runtime CPU placement of a tfopt QAT ONNX graph (see the module doc).
+
+    Args:
+        qat_proto: The QAT graph as tf2onnx converts it (TensorRT's placement).
+        input_names: The graph's input names, in the order of ``calibration``.
+        calibration: One array per input, for the ranges QAT did not train.
+        batch_size: Calibration batch size.
+        max_samples: At most this many samples are used for calibration.
+
+    Returns:
+        An ``onnx.ModelProto`` with int8 weights, uint8 activations and int32 biases.
+    """
+    _require_quantization()
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    qat = dequantize(qat_proto)
+    arrays = [np.asarray(a)[:max_samples] for a in calibration]
+    with tempfile.TemporaryDirectory(prefix="tfopt-ortq-") as tmp, _quiet_quantizer():
+        tmp = Path(tmp)
+        onnx.save(qat.proto, str(tmp / "float.onnx"))
+        _fold(tmp / "float.onnx", tmp / "folded.onnx")
+        folded = onnx.load(str(tmp / "folded.onnx"))
+        present = {o for n in folded.graph.node for o in n.output} | \
+            {i.name for i in folded.graph.input}
+        ranges = {t: r for t, r in qat.ranges.items() if t in present}
+        lost = sorted(set(qat.ranges) - set(ranges))
+        if lost:
+            logger.info("%d trained range(s) name tensors that BatchNorm folding removed; "
+                        "those tensors are calibrated instead: %s", len(lost), lost[:5])
+        quantize_static(
+            str(tmp / "folded.onnx"), str(tmp / "int8.onnx"),
+            _Batches(input_names, arrays, batch_size),
+            quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            op_types_to_quantize=_QUANTIZABLE_OPS,
+            nodes_to_exclude=_float_compute_nodes(folded, ranges),
+            extra_options={
+                "TensorQuantOverrides": _overrides(folded, ranges),
+                "WeightSymmetric": True,  # [-127, 127] per channel: QAT's weight grid
+                "QDQDisableWeightAdjustForInt32Bias": True,  # keep that grid
+                "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
+            })
+        proto = onnx.load(str(tmp / "int8.onnx"))
+    _float_outputs(proto)
+    return proto
+
+
+def _fold(source: Path, target: Path) -> None:
+    """``quant_pre_process``: BatchNorm folded into convolutions, shapes inferred.
+
+    Symbolic shape inference (better for transformers) gives up on some
+    graphs and then writes a scratch file into the working directory; ONNX's
+    own shape inference is enough for the quantizer there.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    with _working_directory(source.parent):
+        try:
+            quant_pre_process(str(source), str(target))
+        except Exception as exc:  # noqa: BLE001 - ORT raises a bare Exception here
+            logger.info("Symbolic shape inference failed (%s); using ONNX's.", exc)
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path):
+    previous = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+@contextlib.contextmanager
+def _quiet_quantizer():
+    """ONNX Runtime's quantizer logs a pre-processing hint and per-tensor notes at WARNING."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _float_outputs(proto) -> None:
+    """Drop the Q/DQ pair in front of each graph output: outputs stay float.
+
+    The last matrix product then runs as ``MatMulIntegerToFloat`` (or keeps a
+    float bias add), instead of rounding the model's outputs to 8 bits.
+    """
+    graph = proto.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers = collections.Counter(i for n in graph.node for i in n.input)
+    drop = set()
+    for output in graph.output:
+        dq = producers.get(output.name)
+        q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or consumers[q.output[0]] != 1:
+            continue
+        source = producers.get(q.input[0])
+        if source is None or consumers[q.input[0]] != 1:
+            continue
+        source.output[:] = [output.name if o == q.input[0] else o for o in source.output]
+        drop.update((id(q), id(dq)))
+    kept = [n for n in graph.node if id(n) not in drop]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {i for n in kept for i in n.input}
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+
+
+def placement(proto) -> "str | None":
+    """Which engine a Q/DQ graph's placement is for, read from the graph itself.
+
+    ``"onnxruntime"``: uint8 activations (what :func:`quantize_for_cpu`
+    writes); ``"tensorrt"``: int8 everywhere with zero points 0; ``None``: no Q/DQ.
+    """
+    from onnx import TensorProto
+
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    zero_points = [types.get(n.input[2]) for n in proto.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    if not zero_points:
+        return None
+    return "onnxruntime" if TensorProto.UINT8 in zero_points else "tensorrt"
+
+
+def kernel_report(path) -> dict:
+    """How ONNX Runtime's CPU provider runs an ONNX file's compute ops.
+
+    Asks ONNX Runtime for its optimized graph (``optimized_model_filepath``
+    at the extended level, where the QDQ fusions run) and counts the
+    convolutions and matrix products that became integer kernels.
+
+    Returns:
+        ``{"integer": n, "total": m, "float": [names of compute ops left in
+        float], "ops": {integer op type: count}}``.
+    """
+    _require_quantization()
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="tfopt-ortopt-") as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    integer = collections.Counter(n.op_type for n in optimized.graph.node
+                                  if n.op_type in INTEGER_OPS)
+    left = [n.name or n.op_type for n in optimized.graph.node if n.op_type in COMPUTE_OPS]
+    count = sum(integer.values())
+    return {"integer": count, "total": count + len(left), "float": left, "ops": dict(integer)}
