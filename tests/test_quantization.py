@@ -144,10 +144,12 @@ def test_int8_validation_refuses_a_weight_scale_off_by_one_percent(
         convert(*a, **k), which, factor))
     if refused:
         with pytest.raises(errors.ExportValidationError, match=r"onnx: output 'logits'.*int8: step"):
-            tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test)
+            tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test,
+                         placement="tensorrt")
         assert list(tmp_path.iterdir()) == []
     else:
-        result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test)
+        result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test,
+                              placement="tensorrt")
         assert result.errors["onnx"]["logits"]["max_abs"] > 0  # the values did move
 
 
@@ -163,7 +165,8 @@ def test_separable_conv_einsum_dense_and_dot_get_qdq(tmp_path):
     assert isinstance(qat.get_layer("quant_sep"), QuantizeWrapper)
     assert isinstance(qat.get_layer("quant_einsum"), QuantizeWrapper)
     assert isinstance(qat.get_layer("quant_dot"), QuantizeInputs)
-    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x,
+                          placement="tensorrt")
     proto, values = onnx_qdq(result.paths["onnx"])
     # Int8 weights with per-channel scales: depthwise, pointwise, einsum and head kernels.
     weight_dq = [n for n in proto.graph.node

@@ -289,7 +289,11 @@ def _tolerances(fmt: str, precision: str, reference, built, tolerance):
     source = built.get(fmt) if "qdq_steps" in built.get(fmt, {}) else built.get("onnx", {})
     if tolerance is None and precision == "int8" and "qdq_steps" in source:
         if fmt in ("onnx", "tensorrt", "triton"):
-            return int8_tolerances(source["qdq_steps"], reference, source["qdq_noise"])
+            # ORT's placement re-derives ranges QAT did not train (and folds BN): its
+            # outputs sit further from Keras than TensorRT's placement, which is Keras's graph.
+            loose = source.get("qdq_placement", "tensorrt") != "tensorrt" and fmt != "tensorrt"
+            return int8_tolerances(source["qdq_steps"], reference, source["qdq_noise"],
+                                   **({"mean_steps": 4.0} if loose else {}))
     return relative_tolerances(reference, precision, tolerance)
 
 
