@@ -182,7 +182,7 @@ API_CASES = [
      "build"),
     ("prune_nothing", lambda t: tfopt.prune(_no_prunable(), CS(0.5)), E.NothingToPruneError,
      "get_prunable_weights"),
-    ("n_m_bad_shape", lambda t: tfopt.prune(tiny(), CS(0.5), n_m=(2, 3)),
+    ("n_m_bad_shape", lambda t: tfopt.prune(tiny(), CS(0.5), n_m=(2, 3), strict=True),
      E.IncompatibleShapeError, "multiple"),
     # quantize
     ("quantize_twice", lambda t: tfopt.quantize(t["qat"]), E.AlreadyQuantizedError,
