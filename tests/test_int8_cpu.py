@@ -283,3 +283,18 @@ def test_unknown_placement_names_the_valid_ones(tmp_path):
     with pytest.raises(errors.ConfigError, match=r"'tensorrt'.*'onnxruntime'|'onnxruntime'"):
         tfopt.export(qat, tmp_path, formats=("onnx",), placement="trt")
     assert not any(tmp_path.iterdir())
+
+
+def test_bench_labels_an_int8_file_that_runs_dequantized(tmp_path):
+    from tfopt.artifacts._ort import dequantized_note
+
+    qat, x = qat_of(conv_bn_relu)
+    cpu = tfopt.export(qat, tmp_path / "cpu", formats=("onnx",), validation_data=x)
+    trt = tfopt.export(qat, tmp_path / "trt", formats=("onnx",), validation_data=x,
+                       placement="tensorrt")
+    assert dequantized_note(cpu.paths["onnx"], "CPUExecutionProvider") == ""
+    assert "TensorRT" in dequantized_note(trt.paths["onnx"], "CPUExecutionProvider")
+    assert "no int8 kernels" in dequantized_note(cpu.paths["onnx"], "CUDAExecutionProvider")
+    names = [r.name for r in tfopt.bench.runners_for(trt.paths["onnx"])
+             if r.backend == "ort_cpu"]
+    assert names == ["trt int8 (dequantized: TensorRT's Q/DQ placement) / ORT CPU"]  # label: folder

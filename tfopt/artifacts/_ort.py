@@ -26,6 +26,29 @@ def onnx_precision(path: Path) -> str:
     return "fp32"
 
 
+def dequantized_note(path: Path, provider: str) -> str:
+    """Why an INT8 file would run dequantized on ``provider`` (``""`` when it runs int8).
+
+    ONNX Runtime's CUDA provider has no int8 convolution for Q/DQ graphs
+    (onnxruntime#11201); its CPU provider fuses only the placement tfopt
+    writes for it (uint8 activations), not TensorRT's (int8, zero points 0).
+    Reports show the note, so a slowdown is not read as a result.
+    """
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    zero_points = [types.get(n.input[2]) for n in proto.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    if not zero_points:
+        return ""
+    if provider.startswith("CUDA"):
+        return " (dequantized: no int8 kernels on ORT CUDA)"
+    if onnx.TensorProto.UINT8 not in zero_points:
+        return " (dequantized: TensorRT's Q/DQ placement)"
+    return ""
+
+
 def cuda_available() -> bool:
     """Whether onnxruntime can use the CUDA provider here."""
     try:
@@ -83,7 +106,8 @@ def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[s
             def run(arrays, sess=sess, names=names, outs=outs):
                 return sess.run(outs, dict(zip(names, arrays)))
             fetch = None
-        runners.append(Runner(f"{label} {precision} / ORT {short}",
+        note = dequantized_note(path, provider) if precision == "int8" else ""
+        runners.append(Runner(f"{label} {precision}{note} / ORT {short}",
                               "ort_cpu" if short == "CPU" else "ort_cuda", path, run,
                               precision, tuple(outs), fetch, spec))
     return runners
