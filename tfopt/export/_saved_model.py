@@ -177,18 +177,3 @@ def _grappler_fold(graph_def, inputs: list[str], outputs: list[str]):
     meta_graph.collection_def["train_op"].CopyFrom(fetch)
     return tf_optimizer.OptimizeGraph(config, meta_graph)
 
-
-def load_frozen_graph(path: Path, input_names: Sequence[str], output_names: Sequence[str]):
-    """A callable running a frozen GraphDef: ``fn(*arrays) -> list of outputs``."""
-    graph_def = tf.compat.v1.GraphDef()
-    graph_def.ParseFromString(Path(path).read_bytes())
-
-    def import_graph():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-
-    wrapped = tf.compat.v1.wrap_function(import_graph, [])
-    graph = wrapped.graph
-    return wrapped.prune(
-        [graph.get_tensor_by_name(n) for n in input_names],
-        [graph.get_tensor_by_name(n) for n in output_names],
-    )
