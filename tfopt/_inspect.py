@@ -117,6 +117,7 @@ def _onnx_summary(path: Path) -> str:
     """Inputs, outputs, Q/DQ placement and how ONNX Runtime's CPU provider runs it."""
     import onnx
 
+    from tfopt.artifacts._ort import qdq_placement
     from tfopt.export import _ort_quant
 
     try:
@@ -132,7 +133,7 @@ def _onnx_summary(path: Path) -> str:
     rows = [f"{path.name}: opset {max(o.version for o in proto.opset_import)}, "
             f"{len(proto.graph.node)} nodes",
             f"inputs {describe(proto.graph.input)}, outputs {describe(proto.graph.output)}"]
-    placement = _ort_quant.placement(proto)
+    placement = qdq_placement(proto)
     if placement is None:
         rows.append("no Q/DQ: a float graph")
     else:

@@ -26,6 +26,22 @@ def onnx_precision(path: Path) -> str:
     return "fp32"
 
 
+def qdq_placement(proto) -> Optional[str]:
+    """Which engine a Q/DQ graph's placement is for, read from the graph itself.
+
+    ``"onnxruntime"``: uint8 activations (what tfopt's default INT8 export
+    writes); ``"tensorrt"``: int8 everywhere with zero points 0; ``None``: no Q/DQ.
+    """
+    import onnx
+
+    types = {i.name: i.data_type for i in proto.graph.initializer}
+    zero_points = [types.get(n.input[2]) for n in proto.graph.node
+                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
+    if not zero_points:
+        return None
+    return "onnxruntime" if onnx.TensorProto.UINT8 in zero_points else "tensorrt"
+
+
 def dequantized_note(path: Path, provider: str) -> str:
     """Why an INT8 file would run dequantized on ``provider`` (``""`` when it runs int8).
 
@@ -36,15 +52,12 @@ def dequantized_note(path: Path, provider: str) -> str:
     """
     import onnx
 
-    proto = onnx.load(str(path), load_external_data=False)
-    types = {i.name: i.data_type for i in proto.graph.initializer}
-    zero_points = [types.get(n.input[2]) for n in proto.graph.node
-                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-    if not zero_points:
+    placement = qdq_placement(onnx.load(str(path), load_external_data=False))
+    if placement is None:
         return ""
     if provider.startswith("CUDA"):
         return " (dequantized: no int8 kernels on ORT CUDA)"
-    if onnx.TensorProto.UINT8 not in zero_points:
+    if placement == "tensorrt":
         return " (dequantized: TensorRT's Q/DQ placement)"
     return ""
 

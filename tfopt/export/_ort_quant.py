@@ -421,22 +421,6 @@ def _float_outputs(proto) -> None:
     graph.initializer.extend(live)
 
 
-def placement(proto) -> "str | None":
-    """Which engine a Q/DQ graph's placement is for, read from the graph itself.
-
-    ``"onnxruntime"``: uint8 activations (what :func:`quantize_for_cpu`
-    writes); ``"tensorrt"``: int8 everywhere with zero points 0; ``None``: no Q/DQ.
-    """
-    from onnx import TensorProto
-
-    types = {i.name: i.data_type for i in proto.graph.initializer}
-    zero_points = [types.get(n.input[2]) for n in proto.graph.node
-                   if n.op_type == "QuantizeLinear" and len(n.input) > 2]
-    if not zero_points:
-        return None
-    return "onnxruntime" if TensorProto.UINT8 in zero_points else "tensorrt"
-
-
 def kernel_report(path) -> dict:
     """How ONNX Runtime's CPU provider runs an ONNX file's compute ops.
 
