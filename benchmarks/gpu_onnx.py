@@ -14,9 +14,13 @@ Two steps, because the GPU machine has onnxruntime but no TensorFlow:
    default CUDA options, ``prefer_nhwc``, NHWC with TF32 off (IEEE FP32), and
    NHWC with CUDA graphs. Prints a table and writes JSON to ``--json``.
 
+3. ``table`` (anywhere): print the table and the figures quoted in
+   benchmarks/README.md from a JSON that ``run`` wrote.
+
 Usage:
     python benchmarks/gpu_onnx.py prepare --out .gpu/models
     python3 benchmarks/gpu_onnx.py run --models .gpu/models --json $OUT/gpu.json
+    python3 benchmarks/gpu_onnx.py table --json benchmarks/results/gpu_onnx_h100.json
 """
 
 from __future__ import annotations
@@ -175,6 +179,41 @@ def _table(result) -> str:
     return "\n".join(lines)
 
 
+# H100 SXM dense FP16 tensor-core peak, and ResNet50's forward FLOPs per 224x224 image.
+H100_FP16_FLOPS = 989e12
+RESNET50_FLOPS = 8.2e9
+
+
+def _highlights(result) -> str:
+    """The figures benchmarks/README.md and README.md quote, each from one row of ``result``."""
+    cell = {(r["model"], r["precision"], r["layout"], r["batch"]): r for r in result["rows"]}
+
+    def ips(precision, layout, batch, model="resnet50"):
+        return cell[(model, precision, layout, batch)]["images_per_s"]
+
+    def ms(precision, layout, batch, model="resnet50"):
+        return cell[(model, precision, layout, batch)]["p50_ms"]
+
+    roofline = H100_FP16_FLOPS / RESNET50_FLOPS
+    lines = ["resnet50, FP16 vs FP32 at batch 64, each pair from one options row:"]
+    for layout in ("default", "nhwc", "nhwc-graph", "nhwc-strict"):
+        lines.append(f"  {layout:<12} FP16 {ips('fp16', layout, 64):>8,.0f} img/s  FP32 "
+                     f"{ips('fp32', layout, 64):>8,.0f} img/s  FP16/FP32 "
+                     f"{ips('fp16', layout, 64) / ips('fp32', layout, 64):.2f}")
+    best = max((r for r in result["rows"] if r["model"] == "resnet50"
+                and r["precision"] == "fp16"), key=lambda r: r["images_per_s"])
+    lines.append(f"resnet50 best FP16: {best['images_per_s']:,.0f} img/s ({best['layout']}, batch "
+                 f"{best['batch']}), {best['images_per_s'] / roofline:.1%} of the "
+                 f"{roofline:,.0f} img/s roofline ({H100_FP16_FLOPS / 1e12:.0f} TFLOPS / "
+                 f"{RESNET50_FLOPS / 1e9:.1f} GFLOP)")
+    lines.append(f"resnet50 FP16 batch 1 p50: default {ms('fp16', 'default', 1):.2f} ms, nhwc "
+                 f"{ms('fp16', 'nhwc', 1):.2f} ms, nhwc-graph {ms('fp16', 'nhwc-graph', 1):.2f} ms")
+    for model in MODELS:
+        lines.append(f"{model} FP16 batch 64, nhwc / default: "
+                     f"{ips('fp16', 'nhwc', 64, model) / ips('fp16', 'default', 64, model):.2f}x")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -183,9 +222,16 @@ def main(argv=None):
     r = sub.add_parser("run")
     r.add_argument("--models", type=Path, default=ROOT / ".gpu" / "models")
     r.add_argument("--json", type=Path, default=Path("gpu_onnx.json"))
+    t = sub.add_parser("table")
+    t.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "results" / "gpu_onnx_h100.json")
     args = parser.parse_args(argv)
     if args.step == "prepare":
         prepare(args.out)
+    elif args.step == "table":
+        result = json.loads(args.json.read_text())
+        print(_table(result))
+        print()
+        print(_highlights(result))
     else:
         run(args.models, args.json)
 

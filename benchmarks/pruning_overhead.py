@@ -15,16 +15,18 @@ Each round times one epoch per way with a callback that records the gap
 between consecutive ``on_train_batch_end`` calls; the first epoch (tracing)
 is discarded. Medians over all steps of all rounds are printed, with ratios.
 
-Usage: python benchmarks/pruning_overhead.py [--rounds 20] [--batch-size 64] [--size 8]
+Usage: python benchmarks/pruning_overhead.py [--rounds 20] [--batch-size 64] [--size 8] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -91,6 +93,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--size", type=int, default=8,
                         help="image side; 8 is the digits CNN itself, larger upsamples")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
     (x, y), _ = tfopt.datasets.load_digits()
@@ -117,10 +120,20 @@ def main(argv=None):
     for kind, median in medians.items():
         print(f"{kind:<8}{1e3 * median:>16.3f}{spread[kind]:>10.2f}"
               f"{median / medians['keras']:>10.2f}{median / medians['tfmot']:>10.2f}")
+    print(f"tfopt - keras: {1e3 * (medians['tfopt'] - medians['keras']):+.3f} ms per step; "
+          f"tfopt - tfmot: {1e3 * (medians['tfopt'] - medians['tfmot']):+.3f} ms per step")
     for kind, (model, _, _) in runs.items():
         if kind != "keras":
             values = tfopt.sparsity(model)
             print(f"{kind} sparsity reached: {min(values.values()):.2f}-{max(values.values()):.2f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+            "cpus": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
+            "steps_per_round": steps,
+            "median_ms": {k: 1e3 * v for k, v in medians.items()},
+            "p90_over_p10": {k: float(v) for k, v in spread.items()},
+        }, indent=2))
     return medians
 
 

@@ -7,12 +7,13 @@ ONNX Runtime's CPU provider on both at batch 1 and 32, interleaved. Then
 time a training step of plain fit vs QAT fit on MobileNetV2 (batch 8).
 Accuracy targets are checked on real data in tests/test_digits.py.
 
-Usage: python benchmarks/qat.py [--models mobilenetv2,resnet50] [--repeats 10]
+Usage: python benchmarks/qat.py [--models mobilenetv2,resnet50] [--repeats 10] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -87,6 +88,7 @@ def main(argv=None):
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--train-steps", type=int, default=8)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
     calibration = np.random.default_rng(1).uniform(size=(16, 224, 224, 3)).astype("float32")
@@ -109,6 +111,17 @@ def main(argv=None):
         print(f"{name:<13}{a / 2**20:>10.2f}{b / 2**20:>10.2f}{a / b:>8.2f}{ea:>11.1e}{eb:>11.1e}")
     print(f"\ntrain step, MobileNetV2 batch 8: plain {1e3 * step['plain']:.0f} ms, QAT "
           f"{1e3 * step['qat']:.0f} ms, ratio {step['qat'] / step['plain']:.2f} (target <= 1.6)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "cpus": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
+            "latency": [{"model": n, "batch": b, "fp32_ms": 1e3 * a, "int8_ms": 1e3 * c}
+                        for n, b, a, c in rows],
+            "sizes": [{"model": n, "fp32_bytes": a, "int8_bytes": b, "fp32_max_abs_error": ea,
+                       "int8_max_abs_error": eb} for n, a, b, ea, eb in sizes],
+            "train_step_ms": {k: 1e3 * v for k, v in step.items()},
+        }, indent=2))
 
 
 if __name__ == "__main__":

@@ -348,7 +348,8 @@ def test_compare_names_every_drifting_output_in_one_error(tmp_path, monkeypatch)
     reference = {"a": np.ones((2, 2)), "b": np.ones((2, 2)), "c": np.ones((2, 2))}
     actual = {"a": np.ones((2, 2)) * 2, "b": np.full((2, 2), np.nan), "c": np.ones((2, 2))}
     with pytest.raises(errors.ExportValidationError) as info:
-        _validate.compare("onnx", reference, actual, "fp32")
+        _validate.compare("onnx", reference, actual,
+                          _validate.relative_tolerances(reference, "fp32"))
     message = str(info.value)
     assert "'a' differs" in message and "'b' outputs NaN" in message and "'c'" not in message
     assert "tolerance=" in message

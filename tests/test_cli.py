@@ -145,3 +145,39 @@ def test_export_bench_and_inspect_commands(tmp_path):
     assert "pruning wrapper, step 0" in result.stdout
     result = tfopt_cli("inspect", out / "saved_model" / "1")
     assert result.returncode == 0 and "serving_default" in result.stdout
+
+
+def test_export_command_with_precision_fp16(tmp_path):
+    functional().save(tmp_path / "m.keras")
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).normal(size=(8, 8, 8, 1)).astype("float32"))
+    out = tmp_path / "export"
+    result = tfopt_cli("export", tmp_path / "m.keras", "-f", "onnx", "--precision", "fp16",
+                       "-o", out, "--validation-data", tmp_path / "x.npy")
+    assert result.returncode == 0, result.stderr[-2000:]
+    import onnx
+
+    proto = onnx.load(str(out / "model.onnx"))
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in proto.graph.initializer)
+    assert proto.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["precision"] == "fp16"
+    assert 0 < manifest["validation"]["errors"]["onnx"]["out"]["max_rel"] < 2e-2
+
+
+def test_recipe_model_sources_keras_file_module_function_and_keras_applications(tmp_path):
+    import keras
+
+    from tfopt._pipeline import load_model
+
+    saved = functional()
+    saved.save(tmp_path / "m.keras")
+    loaded = load_model({"source": str(tmp_path / "m.keras")})
+    for a, b in zip(loaded.get_weights(), saved.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    built = load_model({"source": "tfopt.examples:digits_cnn", "args": {"name": "from_entry"}})
+    assert built.name == "from_entry" and built.count_params() == 43_050
+    applied = load_model({"source": "keras.applications.MobileNetV2",
+                          "args": {"weights": None, "input_shape": [32, 32, 3], "alpha": 0.35,
+                                   "classes": 7}})
+    assert isinstance(applied, keras.Model) and applied.output_shape == (None, 7)
+    assert applied.input_shape == (None, 32, 32, 3)

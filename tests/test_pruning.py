@@ -130,6 +130,8 @@ def test_weights_pruned_earlier_stay_pruned_as_sparsity_grows():
 
 
 def test_unpruned_weights_still_train_and_pruned_gradients_are_zero():
+    import tensorflow as tf
+
     pruned = tfopt.prune(sequential(), tfopt.ConstantSparsity(0.5, frequency=1))
     fit(pruned, epochs=1)
     before = {v.path: keras.ops.convert_to_numpy(v).copy() for v in pruned.trainable_weights}
@@ -137,8 +139,17 @@ def test_unpruned_weights_still_train_and_pruned_gradients_are_zero():
     wrapper = next(la for la in pruned.layers if isinstance(la, PruneLowMagnitude))
     (variable, _), = wrapper.masked_weights()
     mask = keras.ops.convert_to_numpy(wrapper._masks[0].value)
+    assert 0 < mask.mean() < 1
     moved = keras.ops.convert_to_numpy(variable) != before[variable.path]
     assert moved[mask == 1].mean() > 0.9
+    # The gradient of the loss with respect to the kernel: zero where pruned.
+    x, y = small_data(16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with tf.GradientTape() as tape:
+        value = loss(y, pruned(x, training=False))
+    gradient = tape.gradient(value, variable.value).numpy()
+    assert np.all(gradient[mask == 0] == 0)
+    assert np.mean(gradient[mask == 1] != 0) > 0.9
 
 
 def test_prunes_multi_head_attention_projections_and_embeddings():
@@ -380,6 +391,10 @@ def test_sparsity_logger_writes_a_scalar_per_weight(tmp_path):
 
 LAYER_CASES = {
     "conv1d": ((8, 4), lambda: layers.Conv1D(8, 3, name="target")),
+    "conv1d_transpose": ((6, 4), lambda: layers.Conv1DTranspose(8, 3, name="target")),
+    "conv3d_transpose": ((3, 3, 3, 4), lambda: layers.Conv3DTranspose(8, 2, name="target")),
+    "depthwise_conv1d": ((8, 4), lambda: layers.DepthwiseConv1D(3, depth_multiplier=2,
+                                                                 name="target")),
     "conv3d": ((4, 4, 4, 4), lambda: layers.Conv3D(8, 2, name="target")),
     "conv2d_transpose": ((4, 4, 4), lambda: layers.Conv2DTranspose(8, 3, name="target")),
     "depthwise_conv2d": ((6, 6, 4), lambda: layers.DepthwiseConv2D(3, name="target")),

@@ -10,6 +10,7 @@ import json
 import sys
 import types
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -269,3 +270,52 @@ def test_bench_runs_an_exported_engine_with_the_signature_from_its_manifest(tmp_
     assert runner.backend == "tensorrt" and runner.first([x]).shape == (4, 10)
     name = result.manifest["signature"]["inputs"][0]["name"]
     assert ("set_input_shape", name, (4, 8, 8, 1)) in calls
+
+
+# -- 2:4 sparse weights: the pattern itself, layer by layer ---------------------
+
+def stem_and_body():
+    """A 3-channel stem (2:4 cannot group 3 channels) before layers that can be 2:4."""
+    from keras import layers
+
+    inputs = keras.Input((6, 6, 3), name="image")
+    x = layers.Conv2D(8, 3, name="stem")(inputs)
+    x = layers.Conv2D(8, 3, name="body")(x)
+    x = layers.Flatten()(x)
+    return keras.Model(inputs, layers.Dense(4, name="head")(x))
+
+
+def prune_and_strip(model, **kwargs):
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 3)).astype("float32")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), **kwargs)
+    pruned.compile(optimizer="adam", loss="mse")
+    pruned.fit(x, np.zeros((16, 4)), verbose=0, callbacks=[tfopt.callbacks.PruningStep()])
+    return tfopt.strip(pruned), x
+
+
+def test_two_four_is_found_per_layer_in_a_partly_pruned_model():
+    from tfopt.pruning._api import n_m_weights
+
+    # As recipes/resnet50_2to4_int8.yaml does: the stem is left out of 2:4 pruning.
+    plain, _ = prune_and_strip(stem_and_body(), n_m=(2, 4), layers=lambda la: la.name != "stem")
+    assert n_m_weights(plain) == {"stem/kernel": False, "body/kernel": True, "head/kernel": True}
+    # Half zeros that are not 2:4 are not taken for it.
+    unstructured, _ = prune_and_strip(stem_and_body())
+    assert set(tfopt.sparsity(unstructured).values()) == {0.5}
+    assert not any(n_m_weights(unstructured).values())
+
+
+@pytest.mark.parametrize("n_m, sparse", [((2, 4), True), (None, False)])
+def test_export_turns_sparse_weights_on_when_any_layer_is_two_four(n_m, sparse, tmp_path,
+                                                                   monkeypatch):
+    calls = []
+    monkeypatch.setitem(sys.modules, "tensorrt", fake_tensorrt(11, calls))
+    monkeypatch.setattr(_tensorrt, "run_engine", lambda path, signature, arrays: {
+        name: np.zeros((len(arrays[0]), 4), "float32") for name in signature.outputs})
+    plain, x = prune_and_strip(stem_and_body(), n_m=n_m, layers=lambda la: la.name != "stem")
+    result = tfopt.export(plain, tmp_path, formats=("tensorrt",), validation_data=x,
+                          tolerance=1e9)
+    assert (("flag", "SPARSE_WEIGHTS") in calls) is sparse
+    artifact = result.manifest["artifacts"]["tensorrt"]
+    assert artifact["sparse_weights"] is sparse
+    assert artifact["two_four_weights"] == (["body/kernel", "head/kernel"] if sparse else [])

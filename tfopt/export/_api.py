@@ -23,7 +23,8 @@ from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError,
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
-from tfopt.export._validate import compare, sizes
+from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
+                                    relative_tolerances, rounding_noise, sizes)
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class ExportResult:
     Attributes:
         directory: The export directory.
         paths: ``{format: path}`` of every artifact written.
-        errors: ``{format: {output: {"max_abs", "max_rel", "tolerance"}}}``.
+        errors: ``{format: {output: {"max_abs", "max_rel", "tolerance", "mean_abs",
+            "mean_tolerance", "basis"}}}``: each output's error and what it was allowed.
         sizes: ``{format: {"raw": bytes, "gzip": bytes}}``.
         manifest: The contents of ``manifest.json`` (also written to disk).
     """
@@ -131,8 +133,10 @@ def export(model, directory: Union[str, os.PathLike], *,
         batch_sizes: TensorRT profile and Triton's ``max_batch_size`` (the max).
         name: Model name for Triton (default: the Keras model's name).
         tolerance: Allowed error relative to each output's largest magnitude,
-            replacing the precision's default (fp32 1e-4, fp16 2e-2, int8 5e-2,
-            each plus a small absolute floor).
+            replacing the default: fp32 1e-4 and fp16 2e-2 of it (plus a small
+            floor); int8 Q/DQ a few quantization steps of each output, read
+            from the ONNX's scales (``tfopt.export._validate.int8_tolerances``),
+            so that a scale off by 1% is refused.
         placement: For QAT models, where the ONNX puts its Q/DQ.
             ``"onnxruntime"`` (default): BatchNormalization folded into the
             convolutions, a Q after each one, uint8 activations and int32
@@ -212,6 +216,9 @@ class BuiltArtifact:
     path: Path  # in the staging folder
     run: Optional[Callable[[list], dict]] = None  # arrays -> {output: array}
     info: dict = dataclasses.field(default_factory=dict)  # extra manifest fields
+    # For an INT8 Q/DQ graph: {"qdq_steps", "qdq_noise"} of the ONNX it runs, from which
+    # validation derives its tolerances in quantization steps (not in the manifest).
+    steps: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -430,9 +437,9 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
         if artifact.run is not None:
             with third_party_quiet():
                 actual = artifact.run(plan.feed)
+            limits = _tolerances(fmt, plan, built)
             errors = {k: e.as_dict() for k, e in compare(
-                fmt, plan.reference, actual, _validation_precision(fmt, plan.precision),
-                plan.tolerance).items()}
+                fmt, plan.reference, actual, limits).items()}
         results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
                                       artifact.info))
     return results
@@ -469,6 +476,35 @@ def _effective_precision(precision: str, quantized: bool, formats) -> str:
 def _validation_precision(fmt: str, precision: str) -> str:
     # The SavedModel and frozen graph compute exactly what Keras computes.
     return "fp32" if fmt in ("saved_model", "frozen_graph") else precision
+
+
+# INT8 bounds, in steps of each output, for ONNX Runtime's placement (see _tolerances).
+ORT_PLACEMENT_STEPS = {"max_steps": 32.0, "mean_steps": 4.0}
+
+
+def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
+    """What each output of ``fmt`` may differ from Keras by.
+
+    INT8 artifacts built from a Q/DQ ONNX (the ONNX itself, TensorRT, Triton)
+    get bounds in quantization steps of each output, read from the scales of
+    the ONNX they run (``steps`` of the TensorRT artifact when TensorRT built
+    its own placement, else of the ONNX), widened where the graph carries
+    rounding flips far; everything else a fraction of each output's largest
+    magnitude. A ``tolerance=`` from the user replaces both.
+    """
+    precision = _validation_precision(fmt, plan.precision)
+    if plan.tolerance is None and precision == "int8" and fmt in ("onnx", "tensorrt", "triton"):
+        source = built[fmt] if built[fmt].steps else built.get("onnx")
+        if source is not None and source.steps:
+            # TensorRT's placement is Keras's QAT graph. ORT's adds quantizers where QAT
+            # kept float (residual sums, pooling inputs: ranges calibrated on
+            # validation_data) and folds BN, each a rounding Keras does not do: its
+            # outputs sit further from Keras, by an amount no scale of its own predicts.
+            loose = fmt != "tensorrt" and plan.placement != "tensorrt"
+            return int8_tolerances(source.steps["qdq_steps"], plan.reference,
+                                   source.steps["qdq_noise"],
+                                   **(ORT_PLACEMENT_STEPS if loose else {}))
+    return relative_tolerances(plan.reference, precision, plan.tolerance)
 
 
 def _progress(formats):
@@ -544,12 +580,22 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
         info["qdq_placement"] = plan.placement
         if plan.placement == "onnxruntime":
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
+    steps = {}
+    if plan.quantized:
+        steps = _qdq_steps(proto, plan)
+        info["qdq_steps"] = steps["qdq_steps"]  # the basis of its int8 tolerances
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto)
     _onnx.save(proto, path)
     if plan.quantized:
         info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
-    return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info)
+    return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info, steps)
+
+
+def _qdq_steps(proto, plan) -> dict:
+    """What validation allows each output of this Q/DQ graph and of what is built from it."""
+    return {"qdq_steps": quantization_steps(proto),
+            "qdq_noise": rounding_noise(proto, dict(zip(plan.signature.input_names, plan.feed)))}
 
 
 def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:
@@ -566,9 +612,10 @@ def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:
                                           inputs=signature.input_names, outputs=signature.outputs)
 
     if ov_runtime.bf16_available():  # what OpenVINO runs by default on this CPU: check it too
+        limits = relative_tolerances(plan.reference, "int8" if plan.precision == "int8"
+                                     else "bf16", plan.tolerance)
         errors = compare("openvino (bf16 inference precision)", plan.reference,
-                         runner("bf16")(plan.feed),
-                         "int8" if plan.precision == "int8" else "bf16", plan.tolerance)
+                         runner("bf16")(plan.feed), limits)
         info["bf16_errors"] = {k: e.as_dict() for k, e in errors.items()}
     return BuiltArtifact("openvino", path, _loaded_once(lambda: runner("f32")), info)
 
@@ -591,23 +638,23 @@ def _build_tensorrt(plan, serve, path, built, stage) -> BuiltArtifact:
     cache = stage.path("timing.cache")  # a cache, not an artifact: kept for the next build
     if (plan.directory / "timing.cache").exists():
         shutil.copy2(plan.directory / "timing.cache", cache)
-    from tfopt.pruning import sparsity as _sparsity
-
-    sparse = _has_two_four(plan.model, _sparsity)
     if plan.quantized and plan.placement != "tensorrt":
         # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
         onnx_path = path.with_name("tensorrt-placement.onnx")
-        _onnx.save(_onnx.convert(serve, plan.signature, opset=plan.opset, quantized=True),
-                   onnx_path)
+        proto = _onnx.convert(serve, plan.signature, opset=plan.opset, quantized=True)
+        _onnx.save(proto, onnx_path)
+        steps = _qdq_steps(proto, plan)
     else:
-        onnx_path = built["onnx"].path
+        onnx_path, steps = built["onnx"].path, built["onnx"].steps
+    two_four = _two_four_weights(plan.model)
+    sparse = bool(two_four)
     _tensorrt.build_engine(onnx_path, path, plan.signature, precision=plan.precision,
                            batch_sizes=plan.batch_sizes, sparse_weights=sparse,
                            timing_cache=cache)
     signature = plan.signature
     return BuiltArtifact("tensorrt", path,
                          lambda arrays: _tensorrt.run_engine(path, signature, arrays),
-                         {"sparse_weights": sparse})
+                         {"sparse_weights": sparse, "two_four_weights": two_four}, steps)
 
 
 def _build_tftrt(plan, serve, path, built, stage) -> BuiltArtifact:
@@ -629,13 +676,20 @@ _BUILDERS = {"saved_model": _build_saved_model, "frozen_graph": _build_frozen_gr
              "tftrt": _build_tftrt, "triton": _build_triton}
 
 
-def _has_two_four(model, sparsity_fn) -> bool:
-    """Whether every pruned kernel looks 2:4 sparse (half zeros), for SPARSE_WEIGHTS."""
+def _two_four_weights(model) -> list[str]:
+    """The weights whose every group of 4 input channels has 2 zeros, for SPARSE_WEIGHTS.
+
+    TensorRT picks sparse kernels layer by layer, so one 2:4 layer is enough
+    to turn the flag on; layers left dense (a first convolution on 3
+    channels, say) are simply built dense.
+    """
+    from tfopt.pruning._api import n_m_weights
+
     try:
-        values = list(sparsity_fn(model).values())
+        found = n_m_weights(model, 2, 4)
     except Exception:  # noqa: BLE001 - a report, not a requirement
-        return False
-    return bool(values) and all(abs(v - 0.5) < 0.02 for v in values)
+        return []
+    return [path for path, two_four in found.items() if two_four]
 
 
 # -- commit: the manifest, then one switch (in _staging) ------------------------

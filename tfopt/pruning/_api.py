@@ -302,3 +302,44 @@ def sparsity(model) -> dict[str, float]:
         for variable, value in pairs:
             result[variable.path] = float(np.mean(keras.ops.convert_to_numpy(value) == 0))
     return result
+
+
+def n_m_weights(model, n: int = 2, m: int = 4) -> dict[str, bool]:
+    """Whether each prunable weight has ``n`` zeros in every group of ``m`` input channels.
+
+    The pattern itself is checked, layer by layer, along each weight's
+    input-channel axis (the axis TensorRT's sparse tensor cores group):
+    every group of ``m`` consecutive values has at least ``n`` zeros. A weight
+    whose input width is not a multiple of ``m``, or that has no such axis
+    (depthwise kernels, embeddings), is ``False``. Masked weights count as in
+    :func:`sparsity` (a model still pruning, a QAT model keeping its zeros).
+
+    Returns:
+        ``{weight path: bool}`` for every prunable weight of ``model``.
+    """
+    result = {}
+
+    def masking(layer) -> bool:
+        return hasattr(layer, "masked_weights")
+
+    for _, layer in _tree.walk(model, stop=lambda la: masking(la) or is_prunable(la)):
+        if masking(layer):
+            inner = getattr(layer, "layer", layer)
+            axes = {id(t.variable): t.group_axis for t in prunable_weights(inner)} \
+                if is_prunable(inner) else {}
+            pairs = [(v, value, axes.get(id(v))) for v, value in layer.masked_weights()]
+        elif is_prunable(layer) and layer.built:
+            pairs = [(t.variable, t.variable.value, t.group_axis) for t in prunable_weights(layer)]
+        else:
+            continue
+        for variable, value, axis in pairs:
+            values = keras.ops.convert_to_numpy(value)
+            result[variable.path] = _has_n_m(values, axis, n, m)
+    return result
+
+
+def _has_n_m(values: np.ndarray, axis, n: int, m: int) -> bool:
+    if axis is None or values.ndim == 0 or values.shape[axis] % m:
+        return False
+    groups = np.moveaxis(values, axis, -1).reshape(-1, m)
+    return bool(np.all(np.sum(groups == 0, axis=1) >= n))
