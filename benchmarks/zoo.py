@@ -82,17 +82,6 @@ NOT_AVAILABLE = "n/a: tfopt.export has no 'openvino' format yet"
 
 # Known failures that cannot pass yet: a substring of the error -> the plan.
 PLANS: dict[str, str] = {
-    "PartitionedCall": (
-        "Layer type: grouped Conv2D (ConvNeXt's depthwise convolution, groups=channels). "
-        "Keras' TensorFlow backend runs grouped convolutions on CPU through an "
-        "XLA-compiled tf.function, which the frozen serving graph keeps as a "
-        "(Stateful)PartitionedCall that tf2onnx copies through. Plan: inline those "
-        "functions before conversion in tfopt/export/_onnx.py (or convert a grouped Conv2D "
-        "with groups == channels as a depthwise convolution)."),
-    "above the int8 tolerance": (
-        "The INT8 ONNX (ONNX Runtime's integer kernels) drifts from the Keras QAT model "
-        "just above the 5% int8 tolerance on this deep random-weight network. Plan: "
-        "issue 8's INT8 placement and issue 14's validation tolerances, then rerun this row."),
     "(nan of": (
         "Not a layer type: with plain Adam the stem gradient of this pruned random-weight "
         "EfficientNet passes 1e19 on random data, Adam's square of it overflows "

@@ -391,3 +391,23 @@ def test_exact_gelu_exports_to_onnx(tmp_path):
     x = np.random.default_rng(0).normal(size=(4, 6)).astype("float32")
     result = tfopt.export(model, tmp_path, formats=("onnx",), validation_data=x)
     assert result.max_abs_error < 1e-5
+
+
+def test_grouped_convolutions_export_to_onnx_as_grouped_conv(tmp_path):
+    # Keras's TensorFlow backend runs grouped convolutions (ConvNeXt's depthwise
+    # Conv2D(groups=channels)) inside an XLA-compiled tf.function, which the frozen
+    # graph keeps as a call tf2onnx cannot convert unless it is inlined first.
+    import onnx
+
+    inputs = keras.Input((8, 8, 8), name="image")
+    x = layers.Conv2D(8, 3, groups=8, padding="same", name="depthwise")(inputs)
+    x = layers.Conv2D(16, 1, groups=2, name="grouped")(x)
+    model = keras.Model(inputs, layers.Dense(3)(layers.GlobalAveragePooling2D()(x)))
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 8)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx",), validation_data=x)
+    assert result.max_abs_error < 1e-5
+    graph = onnx.load(str(result.paths["onnx"])).graph
+    groups = sorted(a.i for n in graph.node if n.op_type == "Conv"
+                    for a in n.attribute if a.name == "group")
+    assert groups == [2, 8]
+    assert not any("PartitionedCall" in n.op_type for n in graph.node)

@@ -64,8 +64,8 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     input_names = [t.name for t in frozen.inputs]
     output_names = [t.name for t in frozen.outputs]
     proto, _ = tf2onnx.convert.from_graph_def(
-        frozen.graph.as_graph_def(), input_names=input_names, output_names=output_names,
-        opset=opset)
+        _inlinable(frozen.graph.as_graph_def()), input_names=input_names,
+        output_names=output_names, opset=opset)
     _replace_erfc(proto)
     keys = tf.nest.flatten({k: k for k in concrete.structured_outputs})
     _rename_io(proto, dict(zip(input_names, signature.input_names)),
@@ -74,6 +74,30 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
+
+
+# Attributes that keep a function call out of grappler's inlining.
+_NO_INLINE = ("_XlaMustCompile", "_noinline")
+
+
+def _inlinable(graph_def):
+    """Let grappler inline the functions Keras compiles with XLA, so tf2onnx sees their ops.
+
+    Keras's TensorFlow backend runs grouped convolutions (ConvNeXt's
+    depthwise ``Conv2D(groups=channels)``) inside a ``tf.function(jit_compile=True)``,
+    because TensorFlow's CPU kernels lack them. The frozen graph keeps that
+    call as a ``StatefulPartitionedCall`` marked for XLA, which grappler does
+    not inline and tf2onnx copies through as an op ONNX does not have. ONNX
+    has grouped convolutions, so the call is unmarked and inlined like any
+    other: tf2onnx then converts the ``Conv2D`` inside to a grouped ``Conv``.
+    """
+    for node in graph_def.node:
+        for key in _NO_INLINE:
+            node.attr.pop(key, None)
+    for function in graph_def.library.function:
+        for key in _NO_INLINE:
+            function.attr.pop(key, None)
+    return graph_def
 
 
 def _replace_erfc(proto) -> None:
