@@ -176,6 +176,12 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> float:
 # v1's stem gradient passes 1e19 and Adam's square of it overflows): clip them.
 OPTIMIZER = "Adam(clipnorm=1.0)"
 
+# What a row was measured with. Rows of an older version are rerun by --resume
+# and marked in the table. 2: ONNX Runtime's INT8 placement (issue 8), the
+# OpenVINO column, INT8 tolerances in quantization steps (issue 14), grouped
+# convolutions through ONNX.
+ZOO_VERSION = 2
+
 
 def _optimizer():
     import keras
@@ -319,6 +325,7 @@ def run_one(name: str) -> dict:
 
     shutil.rmtree(workdir, ignore_errors=True)
     row["seconds"] = round(time.perf_counter() - t_all + row["build_seconds"], 1)
+    row["zoo_version"] = ZOO_VERSION
     return row
 
 
@@ -390,6 +397,7 @@ def write_table(rows: dict) -> None:
                                           for k in steps))
     total_seconds = sum(rows[n].get("seconds", 0.0) for n in ran)
     old = [n for n in ran if rows[n].get("optimizer") != OPTIMIZER]
+    stale = [n for n in ran if not _current(rows[n])]
     lines = [
         "# Support matrix: keras.applications and keras-hub backbones through tfopt",
         "",
@@ -414,9 +422,10 @@ def write_table(rows: dict) -> None:
         f"{full_rows} rows pass every column. Time: {total_seconds / 60:.1f} min of "
         "work (sum of each row's subprocess, build to validation).",
         "",
-        "ONNX INT8 cells of rows started before 2026-11-25T20:03Z were written with the "
-        "Q/DQ placement that was tfopt's only one then (today's `placement=\"tensorrt\"`); "
-        "later rows use the default ONNX Runtime CPU placement (issue 8).",
+        f"Rows marked *(stale)* were measured by an older version of the zoo "
+        f"({', '.join(stale) or 'none now'}): before ONNX Runtime's INT8 placement, the "
+        "OpenVINO column, INT8 tolerances in quantization steps and grouped convolutions "
+        "through ONNX. `python benchmarks/zoo.py --resume` reruns them.",
         "",
         f"Both fits use `{OPTIMIZER}`"
         + (f", except rows run before it was introduced, with plain `Adam()`: "
@@ -437,10 +446,15 @@ def write_table(rows: dict) -> None:
         cells = [_cell(row, k) for k in steps]
         if crashed and not row.get("steps"):
             cells = [f"❌ {crashed}"] + ["–"] * (len(steps) - 1)
-        lines.append(f"| {name} | {row.get('params', '')} | {_input(row.get('input'))} | "
+        label = name if _current(row) else f"{name} *(stale)*"
+        lines.append(f"| {label} | {row.get('params', '')} | {_input(row.get('input'))} | "
                      + " | ".join(cells) + f" | {row.get('seconds', '')} |")
     TABLE.parent.mkdir(parents=True, exist_ok=True)
     TABLE.write_text("\n".join(lines) + "\n")
+
+
+def _current(row) -> bool:
+    return bool(row) and row.get("zoo_version") == ZOO_VERSION
 
 
 def _input(shape) -> str:
@@ -458,7 +472,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help="comma-separated architecture names")
     parser.add_argument("--resume", action="store_true",
-                        help="skip architectures already in the cache")
+                        help="skip architectures already in the cache (rows measured by an "
+                             "older version of this script are rerun)")
     parser.add_argument("--budget", type=float, default=None,
                         help="start no new architecture after this many seconds")
     parser.add_argument("--timeout", type=float, default=1800,
@@ -488,7 +503,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"unknown architecture(s) {unknown}; see --list")
         if args.resume:
-            chosen = [n for n in chosen if n not in rows]
+            chosen = [n for n in chosen if not _current(rows.get(n))]
         start = time.perf_counter()
         for i, name in enumerate(chosen, 1):
             elapsed = time.perf_counter() - start
