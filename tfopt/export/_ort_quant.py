@@ -216,37 +216,46 @@ def _fold_constant_layout(graph) -> None:
     graph.node.extend(kept)
 
 
+# Ops that select or rearrange the elements of their first input: an int8 table read
+# through them (an embedding lookup, a position table sliced and broadcast) keeps
+# its DQ after them.
+_SELECTING = _LAYOUT | {"Gather", "Slice", "Expand", "Tile", "Identity"}
+
+
 def _dequantize_gathered_tables(graph) -> None:
-    """Float tables for int8 tables read by a Gather ahead of their DQ.
+    """Float tables for int8 tables read through a Gather (or Slice, Expand...) ahead of their DQ.
 
     tf2onnx moves a Q on an embedding lookup's output into the table itself
-    (``Gather(Q(table))``) and folds it, leaving an int8 table whose DQ comes
-    after the Gather. The float graph gets the table the QAT model computed
-    with: the int8 values times that DQ's (per-tensor) scale.
+    (``Gather(Q(table))``, or ``Expand(Slice(Q(table)))`` for a position
+    embedding) and folds it, leaving an int8 table whose DQ comes after the
+    lookup. The float graph gets the table the QAT model computed with: the
+    int8 values times that DQ's (per-tensor) scale.
     """
     from onnx import numpy_helper
 
     initializers = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
     consumers = collections.defaultdict(list)
     for node in graph.node:
         for name in node.input:
             consumers[name].append(node)
-    for node in graph.node:
-        if node.op_type != "Gather" or node.input[0] not in initializers:
+    for dq in graph.node:
+        if dq.op_type != "DequantizeLinear" or dq.input[1] not in initializers:
             continue
-        table = numpy_helper.to_array(initializers[node.input[0]])
-        after = consumers.get(node.output[0], [])
-        if table.dtype not in (np.int8, np.uint8) or len(after) != 1 \
-                or after[0].op_type != "DequantizeLinear":
+        source, chain = dq.input[0], 0
+        while source in producers and producers[source].op_type in _SELECTING \
+                and len(consumers[source]) == 1:
+            source, chain = producers[source].input[0], chain + 1
+        if not chain or source not in initializers or len(consumers[source]) != 1:
             continue
-        dq = after[0]
+        table = numpy_helper.to_array(initializers[source])
         scale = numpy_helper.to_array(initializers[dq.input[1]]).astype(np.float32)
         zero = numpy_helper.to_array(initializers[dq.input[2]]).astype(np.float32) \
             if len(dq.input) > 2 else np.float32(0)
-        if scale.size != 1:
+        if table.dtype not in (np.int8, np.uint8) or scale.size != 1:
             continue
         values = (table.astype(np.float32) - zero) * scale
-        initializers[node.input[0]].CopyFrom(numpy_helper.from_array(values, node.input[0]))
+        initializers[source].CopyFrom(numpy_helper.from_array(values, source))
 
 
 def _overrides(proto, ranges: dict[str, float]) -> dict:
