@@ -441,3 +441,11 @@ def test_two_four_groups_follow_each_layer_types_input_channel_axis(case, axis):
         weight.pointwise_kernel if case == "separable_conv2d" else weight.kernel)
     groups = groups_along_input_channels(kernel, axis, 4)
     assert np.all((groups == 0).sum(axis=1) == 2)
+
+
+def test_summary_warnings_point_at_the_users_own_line():
+    inputs = keras.Input((6, 6, 1))  # one input channel: the first conv cannot take 2:4
+    model = keras.Model(inputs, layers.Dense(4)(layers.Flatten()(layers.Conv2D(8, 3)(inputs))))
+    with pytest.warns(UserWarning, match="left dense") as caught:
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), n_m=(2, 4))
+    assert [w.filename for w in caught if "left dense" in str(w.message)] == [__file__]

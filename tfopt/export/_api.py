@@ -19,6 +19,7 @@ import tensorflow as tf
 import tfopt
 from tfopt import _checks, _compat
 from tfopt._quiet import third_party_quiet
+from tfopt._warn import warn_user
 from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError, TfoptError
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
@@ -625,11 +626,10 @@ def _kernel_report(path: Path, placement: str) -> dict:
     report = _ort_quant.kernel_report(path)
     left = report["float"] + report["float_weights"]
     if left and placement == "onnxruntime":
-        warnings.warn(
+        warn_user(
             f"{len(left)} of {report['total']} convolutions/matrix products run in float on "
             f"ONNX Runtime's CPU provider: {', '.join(left[:8])}{' ...' if len(left) > 8 else ''}. "
-            "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.",
-            stacklevel=5)  # _kernel_report, _build_onnx, _build, export, the caller
+            "They are layers QAT left in float, or patterns ONNX Runtime does not fuse.")
     return {key: report[key] for key in ("integer", "total", "ops", "float_weights")}
 
 

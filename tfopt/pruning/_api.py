@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import numbers
-import warnings
 from typing import Callable, Iterable, Optional, Union
 
 import keras
 import numpy as np
 
 from tfopt import _compat, _tree
+from tfopt._warn import warn_user
 from tfopt.errors import (
     AlreadyPrunedError,
     ConfigError,
@@ -220,13 +220,11 @@ def _plan(model, n_m, select, layers: LayerSelection, strict: bool = False) -> s
         )
     if left_dense or bad_shapes:
         skipped_n_m = left_dense + bad_shapes
-        warnings.warn(
+        warn_user(
             f"n_m={n_m}: {len(chosen)} layer(s) pruned {n_m[0]}:{n_m[1]}; "
             f"{len(skipped_n_m)} left dense because they cannot take the pattern: "
             + "; ".join(skipped_n_m)
-            + ". Pass strict=True to make this an error.",
-            stacklevel=3,
-        )
+            + ". Pass strict=True to make this an error.")
     if unsupported:
         logger.info(
             "Left unpruned (%d layer(s) with weights tfopt does not prune): %s. A custom "
