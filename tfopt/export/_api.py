@@ -575,14 +575,12 @@ def _build_frozen_graph(plan, serve, path, built, stage) -> BuiltArtifact:
 
 def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     proto = _onnx.convert(serve, plan.signature, opset=plan.opset, quantized=plan.quantized)
-    info = {"opset": plan.opset}
+    info, steps = {"opset": plan.opset}, {}
     if plan.quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
         info["qdq_placement"] = plan.placement
         if plan.placement == "onnxruntime":
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
-    steps = {}
-    if plan.quantized:
         steps = _qdq_steps(proto, plan)
         info["qdq_steps"] = steps["qdq_steps"]  # the basis of its int8 tolerances
     if plan.precision == "fp16":
