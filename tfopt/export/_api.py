@@ -486,15 +486,16 @@ ORT_PLACEMENT_STEPS = {"max_steps": 32.0, "mean_steps": 4.0}
 def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
     """What each output of ``fmt`` may differ from Keras by.
 
-    INT8 artifacts built from a Q/DQ ONNX (the ONNX itself, TensorRT, Triton)
-    get bounds in quantization steps of each output, read from the scales of
+    INT8 artifacts built from a Q/DQ ONNX (the ONNX itself, OpenVINO, TensorRT,
+    Triton) get bounds in quantization steps of each output, read from the scales of
     the ONNX they run (``steps`` of the TensorRT artifact when TensorRT built
     its own placement, else of the ONNX), widened where the graph carries
     rounding flips far; everything else a fraction of each output's largest
     magnitude. A ``tolerance=`` from the user replaces both.
     """
     precision = _validation_precision(fmt, plan.precision)
-    if plan.tolerance is None and precision == "int8" and fmt in ("onnx", "tensorrt", "triton"):
+    if plan.tolerance is None and precision == "int8" \
+            and fmt in ("onnx", "openvino", "tensorrt", "triton"):
         source = built[fmt] if built[fmt].steps else built.get("onnx")
         if source is not None and source.steps:
             # TensorRT's placement is Keras's QAT graph. ORT's adds quantizers where QAT
