@@ -15,6 +15,7 @@ plain Keras.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import os
 from typing import Any, Iterator
@@ -131,6 +132,36 @@ def clone_graph_model(model: keras.Model, clone_function) -> keras.Model:
         )
     return keras.models.clone_model(model, input_tensors=input_tensors,
                                     clone_function=clone_function)
+
+
+def structural_copy(layer: keras.layers.Layer) -> keras.layers.Layer:
+    """A new layer object with ``layer``'s weights and sublayers, whose sublayers can be swapped alone.
+
+    The copy shares every variable and sublayer with ``layer`` (as a cloned
+    functional graph shares its layers), but has its own attributes, lists,
+    dicts and Keras tracking, so that :func:`replace_sublayer` on the copy
+    leaves ``layer`` as it was.
+    """
+    new = object.__new__(type(layer))  # not copy.copy: Keras pickles a layer by saving it
+    new.__dict__.update(vars(layer))
+    copies = {}
+    for name, value in vars(layer).items():
+        if isinstance(value, (list, dict)):
+            # Keras' tracked containers, built without a tracker, track nothing while copied
+            tracked = hasattr(value, "tracker")
+            copies[id(value)] = type(value)(value, tracker=None) if tracked else type(value)(value)
+            object.__setattr__(new, name, copies[id(value)])
+    tracker = getattr(layer, "_tracker", None)
+    if tracker is not None:
+        own = copy.copy(tracker)
+        own.config = {key: (predicate, copies.get(id(store), store))
+                      for key, (predicate, store) in tracker.config.items()}
+        own.stored_ids = {key: set(ids) for key, ids in tracker.stored_ids.items()}
+        object.__setattr__(new, "_tracker", own)
+        for value in copies.values():
+            if getattr(value, "tracker", None) is tracker:
+                value.tracker = own
+    return new
 
 
 def replace_sublayer(parent: keras.layers.Layer, old: keras.layers.Layer,

@@ -1,9 +1,11 @@
 """Walking and rewriting the layer tree of a Keras 3 model.
 
 Sequential and functional models are rewritten by cloning their graph with
-the same layer objects (weights are shared, as with tfmot). Subclassed models
-and composite layers (for example MultiHeadAttention, whose projections are
-EinsumDense layers) are rewritten in place, by swapping tracked sublayers.
+the same layer objects (weights are shared, as with tfmot). Composite layers
+(for example MultiHeadAttention, whose projections are EinsumDense layers)
+are rewritten as structural copies that share their weights and untouched
+sublayers, so the user's model keeps its own. Subclassed models are
+rewritten in place, by swapping tracked sublayers.
 """
 
 from __future__ import annotations
@@ -117,10 +119,15 @@ def rewrite(layer, replace: Replace, journal: Optional[Journal] = None):
     elif _compat.is_graph_model(layer):
         result = _compat.clone_graph_model(layer, lambda child: rewrite(child, replace, journal))
     else:
-        for child in _compat.direct_sublayers(layer):
-            new_child = rewrite(child, replace, journal)
-            if new_child is not child:
-                journal.swap(layer, child, new_child)
+        swaps = [(child, rewrite(child, replace, journal))
+                 for child in _compat.direct_sublayers(layer)]
+        swaps = [(old, new) for old, new in swaps if new is not old]
         result = layer
+        if swaps and not isinstance(layer, keras.Model):
+            # A composite layer (MultiHeadAttention, a keras-hub TransformerEncoder) is
+            # shared with the user's model: swap inside a copy, leave theirs as it was.
+            result = _compat.structural_copy(layer)
+        for old, new in swaps:
+            journal.swap(result, old, new)
     journal._memo[id(layer)] = result
     return result

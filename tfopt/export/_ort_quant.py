@@ -93,6 +93,12 @@ class QatGraph:
     proto: object  # onnx.ModelProto, float
     ranges: dict[str, float]  # tensor name -> trained absolute maximum
     per_channel: bool  # whether QAT's weight scales are per output channel
+    # Weights QAT quantized per tensor (an EinsumDense kernel with several output axes):
+    # ONNX Runtime must keep them per tensor, or it re-rounds them onto another grid.
+    per_tensor_weights: frozenset = frozenset()
+    # tensor -> the nodes that read it rounded (through its DQ) in the QAT graph; the
+    # tensor's other readers (a residual branch) read it unrounded, as in Keras
+    rounded_readers: dict = dataclasses.field(default_factory=dict)
 
 
 def dequantize(proto) -> QatGraph:
@@ -132,6 +138,7 @@ def dequantize(proto) -> QatGraph:
     removed: set[int] = set()
     weights = []
     per_channel = False
+    per_tensor = set()
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
@@ -157,6 +164,8 @@ def dequantize(proto) -> QatGraph:
             removed.add(id(node))
             continue
         per_channel = per_channel or np.size(scale) > 1
+        if np.size(scale) == 1:
+            per_tensor.add(node.output[0])
         weights.append(numpy_helper.from_array(value.astype(np.float32), node.output[0]))
         removed.add(id(node))
     for node in graph.node:
@@ -172,7 +181,11 @@ def dequantize(proto) -> QatGraph:
         return name
 
     kept = [n for n in graph.node if id(n) not in removed]
+    rounded_readers = collections.defaultdict(set)
     for node in kept:
+        for name in node.input:
+            if name in rename:  # read through a removed DQ: rounded in the QAT model
+                rounded_readers[resolve(name)].add(node.name)
         node.input[:] = [resolve(i) for i in node.input]
         if node.op_type in _LAYOUT and node.input[0] in ranges:
             ranges[node.output[0]] = ranges[node.input[0]]
@@ -191,7 +204,8 @@ def dequantize(proto) -> QatGraph:
     live = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(live)
-    return QatGraph(proto, ranges, per_channel)
+    return QatGraph(proto, ranges, per_channel, frozenset(per_tensor),
+                    {k: frozenset(v) for k, v in rounded_readers.items()})
 
 
 def _fold_constant_layout(graph) -> None:
@@ -293,11 +307,79 @@ def _overrides(proto, ranges: dict[str, float]) -> dict:
             for tensor, (step, zero) in params.items()}
 
 
-def _float_compute_nodes(proto, ranges: dict[str, float]) -> list[str]:
-    """Convolutions and matrix products QAT left in float: their activation input has no range."""
-    return [n.name for n in proto.graph.node
-            if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")
-            and n.input[0] not in ranges]
+def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
+    """The nodes ONNX Runtime's quantizer must leave in float, as the QAT model computes them.
+
+    * Convolutions and matrix products QAT left in float: their activation
+      input has no trained range, or they multiply two activations (attention
+      scores and context, which QAT never quantizes).
+    * Elementwise sums and products that do not sit between integer kernels
+      (every input from one, the result into one): quantizing them buys no
+      fused kernel, only roundings the QAT model does not do, and their
+      inputs may span ranges no 8 bits hold (an attention mask's -1e9 added
+      to the scores, a transformer's residual stream into its normalization).
+      A residual sum between convolutions, or a swish or squeeze-and-excite
+      product, sits between integer kernels and is quantized.
+    """
+    initializers = {i.name for i in proto.graph.initializer}
+    consumers = collections.defaultdict(list)
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def integer_compute(node) -> bool:
+        return node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
+            and node.input[0] in ranges and any(i in initializers for i in node.input[1:2])
+
+    def feeds_integer(tensor, seen) -> bool:
+        if tensor in ranges:
+            return True
+        if tensor in seen:
+            return False
+        seen.add(tensor)
+        for node in consumers.get(tensor, []):
+            if integer_compute(node) and node.input[0] == tensor:
+                return True
+            if node.op_type in _VALUE_PRESERVING | {"Relu", "Clip"} and node.input[0] == tensor \
+                    and feeds_integer(node.output[0], seen):
+                return True
+        return False
+
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    memo: dict[str, bool] = {}
+
+    def from_integer(tensor) -> bool:
+        if tensor in ranges:
+            return True
+        if tensor not in memo:
+            memo[tensor] = False  # a cycle guard; graphs are acyclic
+            node = producers.get(tensor)
+            if node is None:
+                result = False
+            elif node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                result = integer_compute(node)
+            elif node.op_type in _VALUE_PRESERVING | {"Relu", "Clip", "Sigmoid"}:
+                result = from_integer(node.input[0])
+            elif node.op_type in ("Add", "Mul"):
+                result = between_integer(node)
+            else:
+                result = False
+            memo[tensor] = result
+        return memo[tensor]
+
+    def between_integer(node) -> bool:
+        activations = [i for i in node.input if i and i not in initializers]
+        return bool(activations) and all(from_integer(i) for i in activations)
+
+    excluded = []
+    for node in proto.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if not integer_compute(node):
+                excluded.append(node.name)
+        elif node.op_type in ("Add", "Mul") and not (
+                feeds_integer(node.output[0], set()) and between_integer(node)):
+            excluded.append(node.name)
+    return excluded
 
 
 class _Batches:
@@ -340,6 +422,9 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         present = {o for n in folded.graph.node for o in n.output} | \
             {i.name for i in folded.graph.input}
         ranges = {t: r for t, r in qat.ranges.items() if t in present}
+        for node in folded.graph.node:  # folding renames layout ops: carry ranges through again
+            if node.op_type in _VALUE_PRESERVING and node.input[0] in ranges:
+                ranges.setdefault(node.output[0], ranges[node.input[0]])
         lost = sorted(set(qat.ranges) - set(ranges))
         if lost:
             logger.info("%d trained range(s) name tensors that BatchNorm folding removed; "
@@ -350,15 +435,23 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
             quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=_QUANTIZABLE_OPS,
-            nodes_to_exclude=_float_compute_nodes(folded, ranges),
+            nodes_to_exclude=_nodes_left_in_float(folded, ranges),
             extra_options={
-                "TensorQuantOverrides": _overrides(folded, ranges),
+                "TensorQuantOverrides": {
+                    **_overrides(folded, ranges),
+                    # per tensor, as QAT quantized them; max/127 of the fake-quantized
+                    # values is QAT's own scale, so the int8 values are QAT's too
+                    **{w: [{"symmetric": True}] for w in qat.per_tensor_weights
+                       if w in {i.name for i in folded.graph.initializer}}},
                 "WeightSymmetric": True,  # [-127, 127] per channel: QAT's weight grid
                 "QDQDisableWeightAdjustForInt32Bias": True,  # keep that grid
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
             })
         proto = onnx.load(str(tmp / "int8.onnx"))
+        grids = _overrides(folded, ranges)
     _float_outputs(proto)
+    _drop_idle_qdq(proto, ranges)
+    _keep_qat_roundings(proto, grids, qat.rounded_readers)
     return proto
 
 
@@ -428,6 +521,116 @@ def _float_outputs(proto) -> None:
     live = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(live)
+
+
+def _drop_idle_qdq(proto, trained) -> None:
+    """Remove the ``Q -> DQ`` pairs ONNX Runtime's quantizer put where no integer kernel reads them.
+
+    The quantizer quantizes the output of every op it quantizes. Where that
+    output is read only by float ops (a projection feeding an attention score
+    product QAT left in float, say), the pair runs as a rounding to 8 bits
+    and back that the QAT model does not do, and buys no kernel. Tensors QAT
+    trained a range for (``trained``) keep theirs: they are the QAT model's.
+    Removing one pair can idle another (a sum whose output is no longer
+    quantized), so this repeats until nothing changes.
+    """
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    while True:
+        producers = {o: n for n in graph.node for o in n.output}
+        consumers = collections.defaultdict(list)
+        for node in graph.node:
+            for name in node.input:
+                consumers[name].append(node)
+
+        def integer_reader(node) -> bool:
+            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+                weight = producers.get(node.input[1]) if len(node.input) > 1 else None
+                return weight is not None and weight.op_type == "DequantizeLinear" \
+                    and weight.input[0] in initializers
+            # a quantized unit: every activation in through a DQ, every output out through a Q
+            inputs = [i for i in node.input if i and i not in initializers]
+            return all(i in producers and producers[i].op_type == "DequantizeLinear"
+                       for i in inputs) \
+                and all(consumers[o] and all(c.op_type == "QuantizeLinear" for c in consumers[o])
+                        for o in node.output)
+
+        drop, rename = set(), {}
+        for q in graph.node:
+            source = q.input[0] if q.op_type == "QuantizeLinear" else None
+            if source is None or source in trained or source in initializers:
+                continue
+            dqs = consumers[q.output[0]]
+            if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs
+                              for d in dqs):
+                continue
+            if any(integer_reader(c) for d in dqs for c in consumers[d.output[0]]):
+                continue
+            drop.update(id(n) for n in (q, *dqs))
+            rename.update({d.output[0]: source for d in dqs})
+        if not drop:
+            return
+        kept = [n for n in graph.node if id(n) not in drop]
+        for node in kept:
+            node.input[:] = [rename.get(i, i) for i in node.input]
+        del graph.node[:]
+        graph.node.extend(kept)
+        used = {i for n in kept for i in n.input}
+        live = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(live)
+
+
+def _keep_qat_roundings(proto, grids: dict, readers: dict) -> None:
+    """Round every tensor QAT quantized, also where ONNX Runtime left its reader in float.
+
+    ONNX Runtime's quantizer puts a Q/DQ on a tensor only when an op it
+    quantizes reads it. A tensor QAT trained a range for but whose reader
+    stays float (BERT's embedding sum, read by a LayerNormalization) would
+    otherwise go unrounded, and the export would compute something the QAT
+    model does not. The nodes that read such a tensor rounded in the QAT
+    graph (``readers``; a residual branch beside them reads it unrounded)
+    read it through a ``Q -> DQ`` pair on QAT's grid (``grids``, the
+    TensorQuantOverrides). Readers ONNX Runtime quantized read its own Q
+    and are not among them.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+
+    added = []
+    for tensor, (grid,) in grids.items():
+        targets = [r for r in consumers.get(tensor, []) if r.name in readers.get(tensor, ())]
+        if tensor not in produced or not targets:
+            continue
+        q_name, dq_name = f"{tensor}_tfopt_qat_q", f"{tensor}_tfopt_qat_dq"
+        scale, zero = f"{tensor}_tfopt_qat_scale", f"{tensor}_tfopt_qat_zero_point"
+        graph.initializer.extend([
+            numpy_helper.from_array(np.asarray(grid["scale"], np.float32), scale),
+            numpy_helper.from_array(np.asarray(grid["zero_point"], np.uint8), zero)])
+        for reader in targets:
+            reader.input[:] = [dq_name if i == tensor else i for i in reader.input]
+        added.append((tensor, helper.make_node("QuantizeLinear", [tensor, scale, zero], [q_name]),
+                      helper.make_node("DequantizeLinear", [q_name, scale, zero], [dq_name])))
+    if not added:
+        return
+    after = collections.defaultdict(list)
+    for tensor, q, dq in added:
+        after[tensor].extend([q, dq])
+    inputs = {i.name for i in graph.input}
+    nodes = [n for tensor in inputs for n in after.pop(tensor, [])]
+    for node in graph.node:
+        nodes.append(node)
+        for output in node.output:
+            nodes.extend(after.pop(output, []))
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def kernel_report(path) -> dict:
