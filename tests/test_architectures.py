@@ -420,3 +420,28 @@ def test_grouped_convolutions_export_to_onnx_as_grouped_conv(tmp_path):
                     for a in n.attribute if a.name == "group")
     assert groups == [2, 8]
     assert not any("PartitionedCall" in n.op_type for n in graph.node)
+
+
+@pytest.mark.parametrize("rewrite", ["prune", "quantize"])
+def test_rewriting_leaves_the_users_composite_layers_as_they_were(rewrite):
+    # MultiHeadAttention's projections are rewritten inside a copy of the layer: the
+    # user's model keeps its own (the zoo once found a keras-hub backbone quantized
+    # in place, so its "float" export was the QAT graph).
+    from tfopt.quantization import is_quantized
+
+    inputs = keras.Input((4, 8))
+    attention = layers.MultiHeadAttention(num_heads=2, key_dim=4, name="mha")
+    model = keras.Model(inputs, layers.Dense(3)(attention(inputs, inputs)))
+    x = np.random.default_rng(0).normal(size=(8, 4, 8)).astype("float32")
+    before = np.asarray(model(x))
+    sublayers = list(attention._flatten_layers(include_self=False, recursive=False))
+    if rewrite == "prune":
+        new = tfopt.prune(model, tfopt.ConstantSparsity(0.5))
+        assert {w.layer.name for w in prune_wrappers(new)} >= {"query", "key", "value"}
+    else:
+        new = tfopt.quantize(model, calibration_data=x)
+        assert is_quantized(new)
+    assert list(attention._flatten_layers(include_self=False, recursive=False)) == sublayers
+    assert not prune_wrappers(model) and not is_quantized(model)
+    assert model.get_layer("mha") is attention and new.get_layer("mha") is not attention
+    np.testing.assert_array_equal(np.asarray(model(x)), before)
