@@ -303,6 +303,28 @@ def wrappers(model) -> list:
     return _tree.find(model, _is_wrapper)
 
 
+def prune_now(model, sparsity: float) -> None:
+    """Set every mask of a pruned Keras 3 model at ``sparsity`` now, without training.
+
+    One-shot pruning from the current weights: what a training step of the
+    schedule does when it recomputes masks (channel groups by importance,
+    single weights by magnitude, N:M patterns). For benchmarks, tests and
+    pruning before fine-tuning.
+    """
+    import tensorflow as tf
+
+    from tfopt.pruning._channels import PruneChannels
+
+    for wrapper in wrappers(model):
+        if isinstance(wrapper, PruneChannels):
+            wrapper.update_masks(sparsity)
+            continue
+        for target, mask in zip(wrapper._targets, wrapper._masks):
+            masked = tf.convert_to_tensor(target.variable.value) * mask.value
+            mask.assign(wrapper._new_mask(masked, target.group_axis,
+                                          tf.constant(sparsity, tf.float32)))
+
+
 def is_pruned(model) -> bool:
     """True if a model carries tfopt (Keras 3) or tfmot (tf_keras) pruning wrappers."""
     if _compat.check_keras_model(model) == "tf_keras":
