@@ -560,3 +560,14 @@ def test_recipe_takes_structure_channels(tmp_path):
                                      "epochs": 1}, x, y, lambda _: None, 0)
     assert _pipeline._channel_counts(model, small) == {
         "conv1": [32, 16], "conv2": [32, 16], "dense1": [64, 32]}
+
+
+def test_mixed_float16_policy():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    model = functional()
+    pruned, plain = prune_fit_strip(model)
+    x = small_data(8)[0]
+    assert outputs(pruned, x).dtype == np.float16
+    assert plain.get_layer("conv1").kernel.dtype == "float32"
+    assert width(plain, "conv1") == 4
+    assert_same(pruned, plain, x, rtol=1e-3)
