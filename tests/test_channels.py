@@ -378,7 +378,8 @@ def test_strict_raises_naming_the_coupling_and_leaves_the_model_as_it_was():
     for a, b in zip(before[1], after[1]):
         np.testing.assert_array_equal(a, b)
     assert not has_tfopt_objects(model)
-    tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")  # and prunes again
+    with pytest.warns(UserWarning, match="before_ln"):  # and prunes again, warning
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
 
 
 def test_unknown_operations_on_channels_are_unfollowable():
@@ -515,7 +516,7 @@ def test_channels_strip_quantize_export_onnx(tmp_path):
     assert conv_out == [16, 16], conv_out  # conv1 and conv2: 16 of 32 filters each
 
 
-def test_params_and_flops_before_and_after(tmp_path):
+def test_params_and_flops_before_and_after(tmp_path, capsys):
     from tfopt import _inspect
     from tfopt.examples import digits_cnn
 
@@ -534,6 +535,14 @@ def test_params_and_flops_before_and_after(tmp_path):
     assert f"{before.params:,}" in text and f"{after.params:,}" in text
     assert f"{after.params / before.params:.3f}" in text
     assert _flops.human(after.flops) in text and _flops.human(before.flops) in text
+    from tfopt.cli import main
+
+    assert main(["inspect", str(tmp_path / "small.keras"), "--baseline",
+                 str(tmp_path / "dense.keras")]) == 0
+    assert f"{after.params / before.params:.3f}" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "small.keras"), "--baseline",
+                 str(tmp_path / "nope.keras")]) == 2
+    assert "no model at" in capsys.readouterr().err
 
 
 def test_recipe_takes_structure_channels(tmp_path):

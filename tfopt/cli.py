@@ -287,7 +287,7 @@ def _cmd_inspect(args) -> int:
     baseline = Path(args.baseline) if args.baseline else None
     if baseline is not None and not baseline.exists():
         raise UsageError(f"no model at {baseline}")
-    print(_inspect.summary(path, baseline))
+    print(_inspect.summary(path) if baseline is None else _inspect.summary(path, baseline))
     return 0
 
 
