@@ -117,12 +117,26 @@ def is_graph_model(layer: Any) -> bool:
     return isinstance(layer, (keras.Sequential, Functional))
 
 
-def clone_graph_model(model: keras.Model, clone_function) -> keras.Model:
+def clone_graph_model(model: keras.Model, clone_function, input_shapes=None) -> keras.Model:
     """``keras.models.clone_model`` that keeps the names of functional inputs.
 
     Left to itself, Keras names a cloned functional model's inputs after the
     input tensors (``keras_tensor_N``) instead of the Input layers.
+    ``input_shapes`` (one batch shape per input, in ``model.inputs`` order)
+    gives the clone inputs of other shapes, as when the channels feeding a
+    nested model were pruned.
     """
+    if input_shapes is not None:
+        inputs = graph_nodes(model)[0]
+        tensors = [keras.Input(batch_shape=tuple(shape), dtype=t.dtype,
+                               name=t._keras_history.operation.name)
+                   for t, shape in zip(inputs, input_shapes)]
+        if isinstance(model, keras.Sequential):
+            return keras.models.clone_model(model, input_tensors=tensors[0],
+                                            clone_function=clone_function)
+        structure = keras.tree.pack_sequence_as(model.input, tensors)
+        return keras.models.clone_model(model, input_tensors=structure,
+                                        clone_function=clone_function)
     input_tensors = None
     if not isinstance(model, keras.Sequential):
         input_tensors = keras.tree.map_structure(
@@ -162,6 +176,35 @@ def structural_copy(layer: keras.layers.Layer) -> keras.layers.Layer:
             if getattr(value, "tracker", None) is tracker:
                 value.tracker = own
     return new
+
+
+def graph_nodes(model: keras.Model):
+    """``(inputs, outputs, nodes)`` of a Sequential or functional model, nodes in call order.
+
+    Each node has ``operation`` (a layer, or an operation such as
+    ``keras.ops.add`` that is not one), ``input_tensors`` and ``outputs``
+    (flat lists of ``KerasTensor``) and ``arguments``.
+    """
+    graph = model._functional if isinstance(model, keras.Sequential) else model
+    if graph is None:
+        raise ModelNotBuiltError(
+            f"Sequential model {model.name!r} has no layer graph yet. Start it with "
+            "keras.Input(shape) or call it once on a batch.")
+    by_depth = graph._nodes_by_depth
+    nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]
+             if node.operation is not None and not node.is_input]
+    return list(graph.inputs), list(graph.outputs), nodes
+
+
+def node_constants(node) -> list:
+    """The arguments of a graph node that are not Keras tensors (scalars, arrays, ...)."""
+    values = list(node.arguments.args) + list(node.arguments.kwargs.values())
+    return [v for v in keras.tree.flatten(values) if not isinstance(v, keras.KerasTensor)]
+
+
+def layer_takes_training(layer: keras.layers.Layer) -> bool:
+    """Whether a layer's ``call()`` has a ``training`` argument."""
+    return bool(getattr(layer, "_call_has_training_arg", False))
 
 
 def replace_sublayer(parent: keras.layers.Layer, old: keras.layers.Layer,

@@ -9,10 +9,15 @@ import numpy as np
 from tfopt.errors import ArtifactLoadError
 
 
-def summary(path: Path) -> str:
+def summary(path: Path, baseline: Path | None = None) -> str:
+    """A text summary of a model or artifact; ``baseline``: a .keras model to compare with."""
     path = Path(path)
+    if baseline is not None and (path.suffix != ".keras" or Path(baseline).suffix != ".keras"):
+        raise ArtifactLoadError(
+            f"--baseline compares two .keras models (parameters and FLOPs), got {path} and "
+            f"{baseline}. Pass the dense model's .keras file as --baseline.")
     if path.suffix == ".keras":
-        return _keras_summary(path)
+        return _keras_summary(path, baseline)
     if path.suffix == ".onnx" and path.is_file():
         return _onnx_summary(path)
     if (path / "saved_model.pb").exists():
@@ -54,20 +59,27 @@ def _export_summary(path: Path) -> str:
     return "\n".join(rows)
 
 
-def _keras_summary(path: Path) -> str:
+def _load_keras(path: Path):
+    import keras
+
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:  # noqa: BLE001 - zipfile, h5py, Keras: all mean the same here
+        raise _load_failed(path, exc) from None
+
+
+def _keras_summary(path: Path, baseline: Path | None = None) -> str:
     import keras
 
     import tfopt
-    from tfopt import _tree
+    from tfopt import _flops, _tree
     from tfopt.pruning import PruneLowMagnitude
     from tfopt.quantization import QuantizeInputs, QuantizeWrapper
 
-    try:
-        model = keras.models.load_model(path)
-    except Exception as exc:  # noqa: BLE001 - zipfile, h5py, Keras: all mean the same here
-        raise _load_failed(path, exc) from None
+    model = _load_keras(path)
     sparsity = tfopt.sparsity(model)
-    rows = [f"{'layer':<40}{'type':<22}{'params':>10}{'zeros':>8}  quantization"]
+    counts = _flops.count(model)
+    rows = [f"{'layer':<40}{'type':<22}{'params':>10}{'FLOPs':>9}{'zeros':>8}  quantization"]
     for layer_path, layer in _tree.walk(model, stop=lambda la: isinstance(
             la, (PruneLowMagnitude, QuantizeWrapper, QuantizeInputs))):
         if not layer.weights and not isinstance(layer, QuantizeInputs):
@@ -82,13 +94,27 @@ def _keras_summary(path: Path) -> str:
             quant = "int8 inputs"
         if isinstance(layer, PruneLowMagnitude):
             quant = f"pruning wrapper, step {int(layer.pruning_step.numpy())}"
+        flops = counts.per_layer.get(layer_path) or counts.per_layer.get(
+            f"{layer_path}/{inner.name}", 0)
         rows.append(f"{layer_path:<40}{type(inner).__name__:<22}{inner.count_params():>10,}"
+                    f"{_flops.human(flops) if flops else '':>9}"
                     f"{'' if not zeros else f'{100 * zeros[0]:.1f}%':>8}  {quant}")
     total = sum(float(np.mean(keras.ops.convert_to_numpy(w) == 0)) * np.prod(w.shape)
                 for w in model.weights if w.trainable)
     params = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
     rows.append(f"\n{model.name}: {params:,} trainable parameters, "
                 f"{100 * total / max(params, 1):.1f}% zeros overall")
+    rows.append(f"{counts.params:,} parameters, {_flops.human(counts.flops)} FLOPs per sample "
+                "(2 x multiply-accumulates of convolutions and Dense layers)")
+    if baseline is not None:
+        before = _flops.count(_load_keras(Path(baseline)))
+        params_ratio, flops_ratio = before.ratio(counts)
+        rows.append(f"{'':<14}{'parameters':>14}{'FLOPs':>12}")
+        rows.append(f"{'before':<14}{before.params:>14,}{_flops.human(before.flops):>12}"
+                    f"  ({Path(baseline).name})")
+        rows.append(f"{'after':<14}{counts.params:>14,}{_flops.human(counts.flops):>12}"
+                    f"  ({path.name})")
+        rows.append(f"{'after/before':<14}{params_ratio:>14.3f}{flops_ratio:>12.3f}")
     return "\n".join(rows)
 
 

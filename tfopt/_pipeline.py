@@ -217,13 +217,21 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     prune = spec.get("prune")
     if prune:
         current = _prune(current, prune, x, y, step, verbose)
-        metrics["sparsity"] = tfopt.sparsity(current)
+        if prune.get("structure") == "channels":
+            metrics["channels"] = _channel_counts(baseline, current)
+        else:
+            metrics["sparsity"] = tfopt.sparsity(current)
     quantize = spec.get("quantize")
     if quantize:
         current = _quantize(current, quantize, x, y, step, verbose)
     if getattr(current, "optimizer", None) is None:
         _compile(current, 1e-3)
     metrics["final_accuracy"] = float(current.evaluate(x_test, y_test, verbose=0)[1])
+    from tfopt import _flops
+
+    metrics["counts"] = {name: {"params": c.params, "flops": c.flops} for name, c in
+                         (("baseline", _flops.count(baseline)),
+                          ("optimized", _flops.count(current)))}
 
     export = spec.get("export") or {}
     formats = tuple(export.get("formats", ("saved_model", "onnx")))
@@ -284,17 +292,34 @@ def _prune(model, spec, x, y, step, verbose):
                                          spec.get("final_sparsity", 0.8), 0, end,
                                          frequency=frequency)
     n_m = tuple(spec["n_m"]) if spec.get("n_m") else None
-    step(f"pruning to {schedule.final_sparsity:.0%}{' ' + str(n_m) if n_m else ''}, "
-         f"{epochs} epoch(s)")
+    channels = spec.get("structure") == "channels"
+    step(f"pruning to {schedule.final_sparsity:.0%}{' ' + str(n_m) if n_m else ''}"
+         f"{' of channels' if channels else ''}, {epochs} epoch(s)")
     layers = spec.get("layers")
     if spec.get("skip_layers"):
         skip, only = set(spec["skip_layers"]), set(layers or ())
         layers = lambda la: la.name not in skip and (not only or la.name in only)  # noqa: E731
-    pruned = _compile(tfopt.prune(model, schedule, n_m=n_m, layers=layers),
+    extra = {"structure": "channels", "importance": spec.get("importance", "l2")} \
+        if channels else {}
+    pruned = _compile(tfopt.prune(model, schedule, n_m=n_m, layers=layers, **extra),
                       spec.get("learning_rate", 5e-4))
     pruned.fit(x, y, epochs=epochs, batch_size=batch, verbose=verbose,
                callbacks=[tfopt.callbacks.PruningStep()])
     return _compile(tfopt.strip(pruned), spec.get("learning_rate", 5e-4))
+
+
+def _channel_counts(before, after) -> dict:
+    """``{layer name: [output channels before, after]}`` for layers that lost some."""
+    from tfopt import _tree
+
+    def widths(model):
+        return {layer.name: getattr(layer, "filters", None) or getattr(layer, "units", None)
+                for _, layer in _tree.walk(model)
+                if getattr(layer, "filters", None) or getattr(layer, "units", None)}
+
+    old, new = widths(before), widths(after)
+    return {name: [old[name], new[name]] for name in old
+            if name in new and new[name] != old[name]}
 
 
 def _quantize(model, spec, x, y, step, verbose):
@@ -330,6 +355,25 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
         f"| baseline (dense, float) | {100 * metrics['baseline_accuracy']:.2f}% |",
         f"| optimized | {100 * metrics['final_accuracy']:.2f}% |", "",
     ]
+    counts = metrics.get("counts")
+    if counts:
+        from tfopt._flops import human
+
+        base, opt = counts["baseline"], counts["optimized"]
+        lines += ["## Parameters and FLOPs", "",
+                  "| model | parameters | FLOPs per sample |", "| --- | ---: | ---: |",
+                  f"| baseline | {base['params']:,} | {human(base['flops'])} |",
+                  f"| optimized | {opt['params']:,} | {human(opt['flops'])} |",
+                  f"| optimized / baseline | {opt['params'] / max(base['params'], 1):.3f} | "
+                  f"{opt['flops'] / max(base['flops'], 1):.3f} |", "",
+                  "FLOPs: 2 x the multiply-accumulates of convolutions and Dense layers. "
+                  "Unstructured sparsity leaves both as they are (zeros are still stored and "
+                  "multiplied); channel pruning removes them.", ""]
+    if metrics.get("channels"):
+        lines += ["## Channels kept", "", "| layer | output channels | kept |",
+                  "| --- | ---: | ---: |"]
+        lines += [f"| {k} | {a} | {b} |" for k, (a, b) in metrics["channels"].items()]
+        lines.append("")
     if metrics.get("sparsity"):
         lines += ["## Sparsity", "", "| weight | zeros |", "| --- | ---: |"]
         lines += [f"| {k} | {100 * v:.1f}% |" for k, v in metrics["sparsity"].items()]

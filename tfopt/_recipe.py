@@ -112,6 +112,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
               "ramp_fraction": (_number(0, 1, low_open=True), False),
               "frequency": (POSITIVE_INT, False),
               "n_m": (_list_of(_number(1, integer=True), length=2), False),
+              "structure": (_string(("weights", "channels")), False),
+              "importance": (_string(("l2", "bn_scale")), False),
               "layers": (_list_of(_string()), False),
               "skip_layers": (_list_of(_string()), False), "epochs": (EPOCHS, False),
               "batch_size": (POSITIVE_INT, False), "learning_rate": (RATE, False)},
@@ -229,6 +231,12 @@ def load(path) -> Recipe:
             and prune["n_m"][0] >= prune["n_m"][1]:
         problems.append(f"{where(('prune', 'n_m'))}: 'prune.n_m' needs n < m (n zeros in every "
                         f"m weights), got {prune['n_m']}")
+    if isinstance(prune, dict) and prune.get("structure") == "channels" and "n_m" in prune:
+        problems.append(f"{where(('prune', 'n_m'))}: 'prune.n_m' and 'prune.structure: "
+                        "channels' are two different patterns; keep one")
+    if isinstance(prune, dict) and "importance" in prune and prune.get("structure") != "channels":
+        problems.append(f"{where(('prune', 'importance'))}: 'prune.importance' applies to "
+                        "'prune.structure: channels' only; add it or remove importance")
     if problems:
         raise RecipeError("Recipe has problems:\n  " + "\n  ".join(problems))
     return Recipe(path, spec)

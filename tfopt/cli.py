@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="per-layer sparsity and quantization summary",
                              description="Summarize a .keras model or a SavedModel.")
     inspect.add_argument("model", help=".keras file, .onnx file or SavedModel folder")
+    inspect.add_argument("--baseline", help="a .keras model to compare parameters and FLOPs "
+                                            "with (the dense model before pruning)")
     return parser
 
 
@@ -282,7 +284,10 @@ def _cmd_inspect(args) -> int:
     path = Path(args.model)
     if not path.exists():
         raise UsageError(f"no model at {path}")
-    print(_inspect.summary(path))
+    baseline = Path(args.baseline) if args.baseline else None
+    if baseline is not None and not baseline.exists():
+        raise UsageError(f"no model at {baseline}")
+    print(_inspect.summary(path) if baseline is None else _inspect.summary(path, baseline))
     return 0
 
 

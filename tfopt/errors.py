@@ -42,6 +42,10 @@ class UnsupportedLayerError(TfoptError, ValueError):
     """A layer that the requested operation cannot handle."""
 
 
+class UnsupportedModelError(TfoptError, ValueError):
+    """A model whose kind (subclassed, say) the requested operation cannot handle."""
+
+
 class ExportValidationError(TfoptError, ValueError):
     """An exported artifact's outputs drifted from the Keras model's."""
 

@@ -10,8 +10,12 @@ def strip(model):
     """Return a plain Keras model: no tfopt layers or wrappers left, masks baked in.
 
     Pruning wrappers are removed and each pruned weight is replaced by
-    ``weight * mask``, so the zeros are in the weights themselves. The result
-    is what you export or save for serving. A model with nothing to strip is
+    ``weight * mask``, so the zeros are in the weights themselves. A model
+    pruned with ``structure="channels"`` comes back physically smaller: a new
+    model of the same architecture with fewer filters/units, the following
+    layers' input weights, depthwise kernels and BatchNormalization weights
+    and statistics sliced to match, computing what the masked model computed.
+    The result is what you export, quantize or save for serving. A model with nothing to strip is
     returned as it is. ``tf_keras`` models go through tfmot's ``strip_pruning``.
 
     Args:
@@ -25,6 +29,9 @@ def strip(model):
     Example:
         >>> plain = tfopt.strip(pruned)
         >>> plain.save("digits.keras")   # loads without tfopt installed
+        >>> small = tfopt.strip(channel_pruned)   # fewer filters: faster on every engine
+        >>> small.count_params() < channel_pruned.count_params()
+        True
     """
     _compat.check_keras_model(model)
     return strip_pruning(model)

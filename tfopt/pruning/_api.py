@@ -16,6 +16,7 @@ from tfopt.errors import (
     ConfigError,
     IncompatibleShapeError,
     NothingToPruneError,
+    UnsupportedModelError,
 )
 from tfopt.pruning import _tfmot
 from tfopt.pruning._registry import is_prunable, prunable_weights
@@ -28,7 +29,8 @@ LayerSelection = Union[None, str, Iterable[str], Callable[[keras.layers.Layer], 
 
 
 def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = None,
-          layers: LayerSelection = None, strict: bool = False):
+          layers: LayerSelection = None, strict: bool = False,
+          structure: Optional[str] = None, importance: str = "l2"):
     """Return a model whose prunable weights are masked by magnitude during ``fit()``.
 
     Prunable layers are Dense, EinsumDense (and so MultiHeadAttention's
@@ -59,6 +61,24 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         layers: Which prunable layers to prune: a layer name, a list of names,
             or a predicate ``layer -> bool``. ``None`` prunes all of them.
         strict: With ``n_m``, raise instead of leaving ineligible layers dense.
+            With ``structure="channels"``, raise instead of leaving unpruned the
+            layers whose channels reach operations tfopt cannot follow.
+        structure: ``None`` (default) masks single weights by magnitude.
+            ``"channels"`` masks whole output channels of Conv, SeparableConv
+            and Dense layers; the schedule's sparsity is then the fraction of
+            each channel group's channels removed, and :func:`tfopt.strip`
+            returns a physically smaller model. Channels that must stay
+            aligned (both sides of a residual ``Add``/``Multiply``,
+            ``Concatenate`` inputs, a depthwise convolution and the layer that
+            feeds it, BatchNormalization, a Dense after ``Flatten`` or global
+            pooling, squeeze-and-excite branches) are pruned together; the
+            model's inputs and outputs are never pruned. Sequential and
+            functional models only (nested ones included); ``layers`` then
+            picks the layers whose output channels may be removed.
+        importance: With ``structure="channels"``: ``"l2"`` (default) ranks
+            channels by the L2 norm of their filters, summed over the group;
+            ``"bn_scale"`` by the summed ``|gamma|`` of the BatchNormalization
+            layers in the group (groups without one fall back to ``"l2"``).
 
     Returns:
         The pruned model.
@@ -69,6 +89,9 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         NothingToPruneError: no layer of ``model`` can be (or was selected to be) pruned.
         IncompatibleShapeError: with ``n_m`` and ``strict=True``, a selected
             layer cannot take the N:M pattern.
+        UnsupportedLayerError: with ``structure="channels"`` and
+            ``strict=True``, channels reach an operation tfopt cannot follow.
+        UnsupportedModelError: ``structure="channels"`` on a subclassed model.
         ConfigError: an invalid ``schedule``, ``n_m`` or ``layers``.
 
     Example:
@@ -76,8 +99,21 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
         >>> model.compile("adam", "sparse_categorical_crossentropy")
         >>> model.fit(x, y, epochs=2, callbacks=[tfopt.callbacks.PruningStep()])
         >>> plain = tfopt.strip(model)
+
+        Structured, whole channels (a smaller, faster model after strip):
+
+        >>> model = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+        >>> model.fit(x, y, epochs=2, callbacks=[tfopt.callbacks.PruningStep()])
+        >>> small = tfopt.strip(model)     # fewer filters, plain Keras layers
     """
     kind = _compat.check_keras_model(model)
+    if structure not in (None, "channels"):
+        raise ConfigError(
+            f"structure must be None (single weights) or 'channels' (whole output "
+            f"channels), got {structure!r}.")
+    if structure is None and importance != "l2":
+        raise ConfigError(f"importance={importance!r} applies to structure='channels' only; "
+                          "unstructured pruning ranks weights by magnitude.")
     if not isinstance(schedule, PruningSchedule):
         raise ConfigError(
             f"schedule must be a tfopt pruning schedule, got {schedule!r}. Use "
@@ -91,6 +127,14 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
             "when masks are updated.", n_m, n_m[0] / n_m[1], schedule.final_sparsity,
         )
     select = _selector(layers)
+    if structure == "channels":
+        if n_m is not None:
+            raise ConfigError(
+                f"n_m={n_m} and structure='channels' are two different patterns; pass one.")
+        if kind == "tf_keras":
+            raise ConfigError(
+                "structure='channels' works on Keras 3 models; this is a tf_keras model. "
+                "Rebuild it with keras (Keras 3) to prune channels.")
     if kind == "tf_keras":
         if _tfmot.is_pruned(model):
             raise AlreadyPrunedError(_ALREADY_PRUNED.format(name=model.name))
@@ -107,6 +151,18 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
             "the float model first, strip it, then quantize: "
             "qat = tfopt.quantize(tfopt.strip(pruned)); zeros are kept through QAT."
         )
+    if structure == "channels":
+        if not _compat.is_graph_model(model):
+            raise UnsupportedModelError(
+                f"structure='channels' needs a Sequential or functional model, and "
+                f"{model.name!r} is a subclassed model ({type(model).__name__}): tfopt follows "
+                "channels through the layer graph, which a subclassed call() hides. Build the "
+                "model with the functional API (keras.Model(inputs, outputs)) or "
+                "keras.Sequential, or prune it without structure (single weights).")
+        from tfopt.pruning import _channels
+
+        return _channels.prune_channels(model, schedule, select=select, layers=layers,
+                                        strict=strict, importance=importance)
     to_prune = _plan(model, n_m, select, layers, strict)
 
     def replace(layer):
@@ -235,12 +291,36 @@ def _plan(model, n_m, select, layers: LayerSelection, strict: bool = False) -> s
 
 
 def _is_wrapper(layer) -> bool:
-    return isinstance(layer, PruneLowMagnitude)
+    from tfopt.pruning._channels import PruneChannels
+
+    return isinstance(layer, (PruneLowMagnitude, PruneChannels))
 
 
-def wrappers(model) -> list[PruneLowMagnitude]:
-    """The pruning wrappers of a Keras 3 model, outermost first."""
+def wrappers(model) -> list:
+    """The pruning wrappers (weights or channels) of a Keras 3 model, outermost first."""
     return _tree.find(model, _is_wrapper)
+
+
+def prune_now(model, sparsity: float) -> None:
+    """Set every mask of a pruned Keras 3 model at ``sparsity`` now, without training.
+
+    One-shot pruning from the current weights: what a training step of the
+    schedule does when it recomputes masks (channel groups by importance,
+    single weights by magnitude, N:M patterns). For benchmarks, tests and
+    pruning before fine-tuning.
+    """
+    import tensorflow as tf
+
+    from tfopt.pruning._channels import PruneChannels
+
+    for wrapper in wrappers(model):
+        if isinstance(wrapper, PruneChannels):
+            wrapper.update_masks(sparsity)
+            continue
+        for target, mask in zip(wrapper._targets, wrapper._masks):
+            masked = tf.convert_to_tensor(target.variable.value) * mask.value
+            mask.assign(wrapper._new_mask(masked, target.group_axis,
+                                          tf.constant(sparsity, tf.float32)))
 
 
 def is_pruned(model) -> bool:
@@ -260,6 +340,10 @@ def strip_pruning(model):
     found = wrappers(model)
     if not found:
         return model
+    from tfopt.pruning._channels import PruneChannels, strip_channels
+
+    if any(isinstance(w, PruneChannels) for w in found):
+        return strip_channels(model)
     # Masked values first, the rewrite next (undone if it fails), weights last:
     # a failure leaves the model as it was.
     baked = [(variable, keras.ops.convert_to_numpy(masked))
