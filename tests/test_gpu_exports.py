@@ -203,3 +203,28 @@ def test_bench_report_shows_gpu_memory_beside_latency():
     assert "| items/s | GPU memory MB |" in markdown[0]
     assert "| 25600.0 | 1536 | 1.00 |" in markdown[2]
     assert "| 25600.0 |  | 1.00 |" in markdown[3]
+
+
+def test_gpu_benchmark_table_is_printed_from_the_committed_run():
+    """benchmarks/README.md quotes `python3 benchmarks/gpu.py table`: these figures come from it."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_bench", root / "benchmarks" / "gpu.py")
+    gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu)
+    result = json.loads((root / "benchmarks" / "results" / "gpu_h100.json").read_text())
+    table = gpu.table(result)
+    assert "| resnet50 | 256 | 11,235 | 21,001 | 21,118 | 24,914 | 21,939 | 13,771 | 25,098 |" \
+        in table
+    highlights = gpu.highlights(result)
+    assert "ORT/JAX 0.85x" in highlights and "target 0.35 ms: not met" in highlights
+    assert "GPU memory held, resnet50 fp16io batch 256: 5,080 MB" in highlights
+    summary = gpu.profile_summary(result)
+    assert "| Add | 16 | 3.454 | 23.3% |" in summary
+    assert gpu._categorize("void onnxruntime::cuda::_UnaryElementWise<__half, __half, "
+                           "onnxruntime::cuda::OP_Relu<__half>, 256, 4>") == "relu"
+    assert gpu._categorize("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc") == \
+        "convolution"
