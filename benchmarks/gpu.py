@@ -356,7 +356,7 @@ def _session_options(ort, level=None, profile_prefix=None, optimized_path=None):
 
 
 def _provider_options(ort, path, provider, options) -> dict:
-    """The CUDA provider's effective options (its defaults included), as ONNX Runtime reports them."""
+    """The CUDA provider's effective options, its defaults included, as ONNX Runtime reports."""
     if path is None or not provider.startswith("CUDA"):
         return {}
     try:
@@ -404,7 +404,7 @@ def _ort_profiles(files, best_options, provider, budget, batch) -> dict:
 
 
 def _probe_memory(path, provider, options, batch, name, variant) -> dict:
-    """Peak resident and GPU memory of a fresh process serving this ONNX (tfopt.artifacts._probe)."""
+    """Peak resident and GPU memory of a fresh process serving this ONNX (artifacts._probe)."""
     spec = {"runner": {"loader": "onnx", "path": str(path), "provider": provider,
                        "cuda_options": options},
             "calls": 10, "inputs": [[[batch, SIZE, SIZE, 3], "float32"]]}
@@ -817,7 +817,8 @@ def profile_summary(result) -> str:
     lines = []
     ort_prof = profile.get("ort_profiler", {})
     if ort_prof.get("by_op"):
-        lines.append(f"ONNX Runtime profiler, resnet50 FP16 fp16 I/O, batch {profile.get('batch')}, "
+        lines.append(f"ONNX Runtime profiler, resnet50 FP16 fp16 I/O, batch "
+                     f"{profile.get('batch')}, "
                      f"options {profile.get('options')} (no CUDA graph: its replay hides nodes), "
                      f"CUDA_LAUNCH_BLOCKING=1: {ort_prof['nodes_ms_per_run']:.2f} ms of nodes "
                      f"per run ({ort_prof['wall_ms_per_run']:.2f} ms wall)")
@@ -890,8 +891,9 @@ def highlights(result) -> str:
     if best_any:
         lines.append(f"resnet50 fastest engine: {best_any['engine']} {best_any['precision']} "
                      f"{best_any['config']} batch {best_any['batch']}: "
-                     f"{best_any['images_per_s']:,.0f} img/s, {best_any['images_per_s'] / roofline:.1%}"
-                     f" of the {roofline:,.0f} img/s FP16 roofline")
+                     f"{best_any['images_per_s']:,.0f} img/s, "
+                     f"{best_any['images_per_s'] / roofline:.1%} of the {roofline:,.0f} img/s "
+                     "FP16 roofline")
     for entry in result.get("ort", {}).get("memory", []):
         if entry.get("device_bytes"):
             lines.append(f"GPU memory held, {entry['model']} {entry['variant']} batch "

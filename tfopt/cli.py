@@ -35,8 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                             description="Export a .keras model and validate every artifact.")
     export.add_argument("model", help="path of a .keras model")
     export.add_argument("--format", "-f", action="append", dest="formats",
-                        help="saved_model, saved_model_xla, frozen_graph, onnx, openvino, tensorrt, "
-                             "tftrt or triton (repeat for several; default saved_model and onnx)")
+                        help="saved_model, saved_model_xla, frozen_graph, onnx, openvino, "
+                             "tensorrt, tftrt or triton (repeat for several; default "
+                             "saved_model and onnx)")
     export.add_argument("--precision", default="fp32", help="fp32, fp16 or int8")
     export.add_argument("--output", "-o", required=True, help="export directory")
     export.add_argument("--validation-data", help=".npy file of real inputs (recommended)")
