@@ -35,12 +35,15 @@ def _parser() -> argparse.ArgumentParser:
                             description="Export a .keras model and validate every artifact.")
     export.add_argument("model", help="path of a .keras model")
     export.add_argument("--format", "-f", action="append", dest="formats",
-                        help="saved_model, frozen_graph, onnx, openvino, tensorrt, tftrt or triton "
-                             "(repeat for several; default saved_model and onnx)")
+                        help="saved_model, saved_model_xla, frozen_graph, onnx, openvino, "
+                             "tensorrt, tftrt or triton (repeat for several; default "
+                             "saved_model and onnx)")
     export.add_argument("--precision", default="fp32", help="fp32, fp16 or int8")
     export.add_argument("--output", "-o", required=True, help="export directory")
     export.add_argument("--validation-data", help=".npy file of real inputs (recommended)")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
+    export.add_argument("--fp16-io", action="store_true",
+                        help="with --precision fp16: float16 inputs and outputs in the ONNX")
 
     bench = sub.add_parser("bench", help="benchmark models and artifacts",
                            description="Time .keras models, SavedModels, .onnx files and "
@@ -190,6 +193,7 @@ def _cmd_export(args) -> int:
     model = _load_keras(args.model)
     result = tfopt.export(model, args.output, formats=tuple(args.formats or ("saved_model", "onnx")),
                           precision=args.precision, overwrite=args.overwrite,
+                          fp16_io=args.fp16_io,
                           validation_data=_load_array(args.validation_data, "--validation-data"))
     print(result.summary())
     return 0

@@ -71,12 +71,20 @@ def cuda_available() -> bool:
     return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
-def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=None):
-    """An InferenceSession on exactly ``provider`` (ONNX Runtime falls back silently)."""
+def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=None,
+            session_options=None):
+    """An InferenceSession on exactly ``provider`` (ONNX Runtime falls back silently).
+
+    ``session_options``: an ``onnxruntime.SessionOptions`` to use (profiling,
+    optimization level, a dump of the optimized graph); default ONNX
+    Runtime's own, quiet.
+    """
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options = session_options
+    if options is None:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
     chosen = [(provider, cuda_options or {})] if provider.startswith("CUDA") else [provider]
     sess = ort.InferenceSession(str(path), options, providers=chosen)
     if sess.get_providers()[0] != provider:
@@ -87,13 +95,14 @@ def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=Non
 
 def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[str]] = None,
                  cuda_options: Optional[dict] = None, inputs: Optional[Sequence[str]] = None,
-                 outputs: Optional[Sequence[str]] = None) -> list[Runner]:
+                 outputs: Optional[Sequence[str]] = None,
+                 session_options=None) -> list[Runner]:
     """ONNX Runtime on the CPU, and with CUDA (I/O bound to the GPU) when present.
 
     ``cuda_options`` are CUDA execution provider options (for example
     ``{"prefer_nhwc": "1"}``). ``inputs``/``outputs`` give the names in the
     order the caller uses (default: the manifest beside the file, else the
-    graph's own order).
+    graph's own order). ``session_options``: see :func:`session`.
     """
     path = Path(path)
     precision = onnx_precision(path)
@@ -105,19 +114,20 @@ def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[s
         providers = ["CPUExecutionProvider"] + (["CUDAExecutionProvider"] if cuda_available() else [])
     runners = []
     for provider in providers:
-        sess = session(path, provider, cuda_options)
+        sess = session(path, provider, cuda_options, session_options)
         names = ordered([i.name for i in sess.get_inputs()], inputs)
         outs = ordered([o.name for o in sess.get_outputs()], outputs)
         short = "CPU" if provider.startswith("CPU") else "CUDA"
         spec = {"loader": "onnx", "path": str(path), "provider": provider,
                 "cuda_options": cuda_options or {}}
+        dtypes = input_dtypes(sess, names)
         if short == "CUDA":
             graph = (cuda_options or {}).get("enable_cuda_graph") in ("1", 1, True)
-            run = _cuda_bound_run(sess, names, outs, cuda_graph=graph)
+            run = _cuda_bound_run(sess, names, outs, cuda_graph=graph, dtypes=dtypes)
             fetch = _fetch_ortvalues
         else:
-            def run(arrays, sess=sess, names=names, outs=outs):
-                return sess.run(outs, dict(zip(names, arrays)))
+            def run(arrays, sess=sess, names=names, outs=outs, dtypes=dtypes):
+                return sess.run(outs, dict(zip(names, _as_dtypes(arrays, dtypes))))
             fetch = None
         note = dequantized_note(path, provider) if precision == "int8" else ""
         runners.append(Runner(f"{label} {precision}{note} / ORT {short}",
@@ -126,33 +136,52 @@ def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[s
     return runners
 
 
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+               "tensor(double)": np.float64}
+
+
+def input_dtypes(sess, names) -> list:
+    """The numpy dtype each float input of ``sess`` takes (None for other inputs)."""
+    meta = {i.name: i.type for i in sess.get_inputs()}
+    return [_ORT_DTYPES.get(meta[name]) for name in names]
+
+
+def _as_dtypes(arrays, dtypes) -> list:
+    """Float arrays cast to the dtype the graph takes (an FP16 export with float16 inputs)."""
+    return [a if dtype is None or not np.issubdtype(np.asarray(a).dtype, np.floating)
+            or np.asarray(a).dtype == dtype else np.asarray(a).astype(dtype)
+            for a, dtype in zip(arrays, dtypes)]
+
+
 def _fetch_ortvalues(values) -> list[np.ndarray]:
     return [v.numpy() if hasattr(v, "numpy") else np.asarray(v) for v in values]
 
 
-def _cuda_bound_run(sess, names, outputs, cuda_graph: bool = False):
+def _cuda_bound_run(sess, names, outputs, cuda_graph: bool = False, dtypes=None):
     """Inputs kept on the GPU between calls with the same arrays, outputs left there.
 
     What is timed is the model's compute, as in a server that receives its
     batches already on the device. With ``cuda_graph`` the output buffers are
     allocated once too, since a captured CUDA graph replays fixed addresses.
+    Float inputs are cast to the graph's input dtype (``dtypes``) once, when
+    they are copied to the device.
     """
     import onnxruntime as ort
 
     cache: dict = {}
     meta = {o.name: o for o in sess.get_outputs()}
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
     def run(arrays):
         key = tuple((id(a), a.shape) for a in arrays)
         if cache.get("key") != key:
             cache["key"] = key
+            cast = _as_dtypes(arrays, dtypes or [None] * len(arrays))
             cache["values"] = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0)
-                               for a in arrays]
+                               for a in cast]
             batch = arrays[0].shape[0]
             cache["outputs"] = [ort.OrtValue.ortvalue_from_shape_and_type(
                 [d if isinstance(d, int) else batch for d in meta[o].shape],
-                dtypes.get(meta[o].type, np.float32), "cuda", 0) for o in outputs]
+                _ORT_DTYPES.get(meta[o].type, np.float32), "cuda", 0) for o in outputs]
         binding = sess.io_binding()
         for name, value in zip(names, cache["values"]):
             binding.bind_ortvalue_input(name, value)

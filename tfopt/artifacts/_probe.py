@@ -6,8 +6,8 @@ of ONNX Runtime or OpenVINO imports neither TensorFlow nor Keras, and its
 resident memory is the engine's own, as in a server process.
 
 Prints one JSON line: ``{"peak_rss_bytes": ..., "device_bytes": ...,
-"tensorflow_imported": ...}`` (device memory from ``nvidia-smi`` for CUDA
-engines, else null).
+"tensorflow_imported": ...}`` (for CUDA engines the GPU memory the process
+holds after the calls, from NVML or ``nvidia-smi``; else null).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Optional
 
 
 def _register_package() -> None:
@@ -30,18 +31,58 @@ def _register_package() -> None:
             sys.modules[name] = module
 
 
-def _device_bytes() -> int | None:
+def _device_bytes(pid: Optional[int] = None) -> Optional[int]:
+    """GPU memory this process (``pid``) holds now, in bytes; None where none is seen.
+
+    From NVML (``pynvml``, the nvidia-ml-py package) where it imports, else
+    from ``nvidia-smi --query-compute-apps``. An engine's memory pool keeps
+    what its largest run took, so after the timed calls this is the engine's
+    peak, allocator slack included.
+    """
+    pid = os.getpid() if pid is None else pid
+    found = _nvml_bytes(pid)
+    return found if found is not None else _smi_bytes(pid)
+
+
+def _nvml_bytes(pid: int) -> Optional[int]:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no driver: no GPU to report
+        return None
+    try:
+        total, seen = 0, False
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if process.pid == pid and process.usedGpuMemory is not None:
+                    total, seen = total + int(process.usedGpuMemory), True
+        return total if seen else None
+    except Exception:  # noqa: BLE001 - NVML without per-process accounting: try nvidia-smi
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _smi_bytes(pid: int) -> Optional[int]:
     try:
         out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory",
                               "--format=csv,noheader,nounits"], capture_output=True, text=True,
                              timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
         return None
+    total, seen = 0, False
     for line in out.splitlines():
-        pid, _, used = line.partition(",")
-        if pid.strip() == str(os.getpid()):
-            return int(used.strip()) * 2**20
-    return None
+        found, _, used = line.partition(",")
+        if found.strip() == str(pid) and used.strip().isdigit():
+            total, seen = total + int(used.strip()) * 2**20, True
+    return total if seen else None
 
 
 def _peak_rss() -> int:

@@ -24,8 +24,8 @@ class Runner:
 
     Attributes:
         name: What a report shows, e.g. ``"optimized onnx int8 / ORT CPU"``.
-        backend: ``keras_*``, ``saved_model``, ``frozen_graph``, ``ort_cpu``,
-            ``ort_cuda``, ``openvino_cpu``, ``tensorrt``.
+        backend: ``keras_*``, ``saved_model``, ``saved_model_xla``, ``frozen_graph``,
+            ``ort_cpu``, ``ort_cuda``, ``openvino_cpu``, ``tensorrt``.
         artifact: The file or folder run (None for a model in memory).
         run: The timed call: arrays ordered like the inputs in, the outputs
             (ordered like ``outputs``) out. On a GPU they may stay on the

@@ -44,7 +44,9 @@ class BenchRow:
     artifact: Optional[str]
     engine: str = ""  # what runs it, e.g. "ORT CPU", "OpenVINO CPU bf16", "TensorFlow"
     peak_rss_bytes: Optional[int] = None  # of a fresh process serving this runner alone
-    device_bytes: Optional[int] = None  # GPU memory it held (CUDA engines)
+    # GPU memory that process held after serving the largest batch (CUDA and TensorRT
+    # engines; None elsewhere): the engine's memory pool keeps its peak.
+    device_bytes: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -57,8 +59,8 @@ class BenchReport:
     def table(self) -> str:
         width = max([34] + [len(r.name) + 2 for r in self.rows])
         header = (f"{'runner':<{width}}{'batch':>6}{'p50 ms':>10}{'p90 ms':>10}{'p99 ms':>10}"
-                  f"{'spread':>8}{'items/s':>11}{'size MB':>9}{'gzip MB':>9}{'peak MB':>9}"
-                  f"{'acc':>8}")
+                  f"{'spread':>8}{'items/s':>11}{'GPU MB':>8}{'size MB':>9}{'gzip MB':>9}"
+                  f"{'peak MB':>9}{'acc':>8}")
         lines = [header, "-" * len(header)]
         for r in self.rows:
             size = "" if r.size_bytes is None else f"{r.size_bytes / 2**20:.2f}"
@@ -66,7 +68,7 @@ class BenchReport:
             acc = "" if r.accuracy is None else f"{100 * r.accuracy:.2f}"
             lines.append(f"{r.name:<{width}}{r.batch_size:>6}{r.p50_ms:>10.3f}{r.p90_ms:>10.3f}"
                          f"{r.p99_ms:>10.3f}{r.spread:>8.2f}{r.throughput:>11.1f}"
-                         f"{size:>9}{gz:>9}{_memory_mb(r):>9}{acc:>8}")
+                         f"{_device_mb(r):>8}{size:>9}{gz:>9}{_memory_mb(r):>9}{acc:>8}")
         lines.append(self.cpu_line())
         return "\n".join(lines)
 
@@ -178,13 +180,14 @@ class BenchReport:
         return path
 
     def markdown(self) -> str:
-        lines = ["| runner | batch | p50 ms | p90 ms | p99 ms | items/s | size MB | gzip MB "
-                 "| peak memory MB | accuracy |",
-                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines = ["| runner | batch | p50 ms | p90 ms | p99 ms | items/s | GPU memory MB | size MB "
+                 "| gzip MB | peak memory MB | accuracy |",
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for r in self.rows:
             lines.append(
                 f"| {r.name} | {r.batch_size} | {r.p50_ms:.3f} | {r.p90_ms:.3f} | {r.p99_ms:.3f} "
-                f"| {r.throughput:.1f} | {'' if r.size_bytes is None else f'{r.size_bytes / 2**20:.2f}'} "
+                f"| {r.throughput:.1f} | {_device_mb(r)} "
+                f"| {'' if r.size_bytes is None else f'{r.size_bytes / 2**20:.2f}'} "
                 f"| {'' if r.gzip_bytes is None else f'{r.gzip_bytes / 2**20:.2f}'} "
                 f"| {_memory_mb(r)} "
                 f"| {'' if r.accuracy is None else f'{100 * r.accuracy:.2f}%'} |")
@@ -192,13 +195,13 @@ class BenchReport:
 
 
 def _memory_mb(row: BenchRow) -> str:
-    """Peak resident memory (and device memory on CUDA), MB."""
-    if row.peak_rss_bytes is None:
-        return ""
-    text = f"{row.peak_rss_bytes / 2**20:.0f}"
-    if row.device_bytes is not None:
-        text += f" + {row.device_bytes / 2**20:.0f} GPU"
-    return text
+    """Peak resident (host) memory, MB."""
+    return "" if row.peak_rss_bytes is None else f"{row.peak_rss_bytes / 2**20:.0f}"
+
+
+def _device_mb(row: BenchRow) -> str:
+    """GPU memory the engine held after timing, MB ('' where it runs on no GPU)."""
+    return "" if row.device_bytes is None else f"{row.device_bytes / 2**20:.0f}"
 
 
 Artifact = Union[keras.Model, str, os.PathLike, Runner]
@@ -234,9 +237,15 @@ def runners_for(artifact: Artifact, label: Optional[str] = None, *,
         found = []
         for fmt, info in manifest.get("artifacts", {}).items():
             target = path / info["path"]
-            if fmt == "saved_model" or _artifacts.kind(target) not in (None, "saved_model"):
-                found += runners_for(target, f"{label or path.name} {fmt}",
-                                     openvino_modes=openvino_modes)
+            if fmt in ("saved_model", "saved_model_xla") or \
+                    _artifacts.kind(target) not in (None, "saved_model"):
+                runners = runners_for(target, f"{label or path.name} {fmt}",
+                                      openvino_modes=openvino_modes)
+                if fmt == "saved_model_xla":  # not TF Serving's default engine: no baseline
+                    for runner in runners:
+                        runner.backend = "saved_model_xla"
+                        runner.precision = manifest.get("precision", runner.precision)
+                found += runners
         return found
     try:
         found = _artifacts.load(path, label, openvino_modes=openvino_modes)
@@ -268,8 +277,10 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
         warmup: Untimed calls per runner and batch size.
         repeats: Timed calls at least; more until ``min_seconds`` have passed.
         memory: Measure each artifact runner's peak memory while serving the
-            largest batch, in a fresh process of its own (resident memory
-            high-water mark; device memory on CUDA). Keras models in memory
+            largest batch, in a fresh process of its own: its resident memory
+            high-water mark, and for CUDA and TensorRT engines the GPU memory
+            the process holds after those calls (NVML, else ``nvidia-smi``),
+            shown as ``GPU MB`` beside the latencies. Keras models in memory
             get none.
 
     Returns:

@@ -29,7 +29,8 @@ from tfopt.export._validate import (compare, int8_tolerances, quantization_steps
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("saved_model", "frozen_graph", "onnx", "openvino", "tensorrt", "tftrt", "triton")
+FORMATS = ("saved_model", "saved_model_xla", "frozen_graph", "onnx", "openvino", "tensorrt",
+           "tftrt", "triton")
 PRECISIONS = ("fp32", "fp16", "int8")
 # Where an INT8 ONNX puts its Q/DQ, by the engine that runs it as integer kernels.
 PLACEMENTS = ("onnxruntime", "tensorrt")
@@ -83,7 +84,7 @@ def export(model, directory: Union[str, os.PathLike], *,
            overwrite: bool = False, freeze: bool = False, warmup: bool = False,
            opset: int = _onnx.DEFAULT_OPSET, batch_sizes: tuple[int, int, int] = (1, 8, 64),
            name: Optional[str] = None, tolerance: Optional[float] = None,
-           placement: str = "onnxruntime") -> ExportResult:
+           placement: str = "onnxruntime", fp16_io: bool = False) -> ExportResult:
     """Export a Keras model for serving and check every artifact against it.
 
     Artifacts (``formats``), under ``directory``:
@@ -93,11 +94,22 @@ def export(model, directory: Union[str, os.PathLike], *,
       model's names and a dynamic batch dimension (``freeze=True`` stores
       the graph with variables as constants; ``warmup=True`` adds TF
       Serving warm-up requests built from ``validation_data``).
+    * ``saved_model_xla``: ``saved_model_xla/<version>/``, TF Serving's layout,
+      its ``serving_default`` a ``tf.function(jit_compile=True)`` that
+      TensorFlow compiles with XLA (the SavedModel keeps the
+      ``_XlaMustCompile`` attribute; the export checks it). With
+      ``precision="fp16"`` it serves a float16 copy of the model (weights
+      cast, each layer's dtype policy float16; float32 inputs and outputs).
+      TF Serving runs it only when started with
+      ``--xla_cpu_compilation_enabled=true`` (which, despite its name, lets
+      it compile XLA on any device). Float models only; validated here
+      through XLA on the CPU.
     * ``frozen_graph``: ``frozen_graph.pb``, a GraphDef with constants and
       BatchNorm folded.
     * ``onnx``: ``model.onnx`` through tf2onnx (opset ``opset``); FP16 inside
-      with float32 I/O for ``precision="fp16"``; int8 Q/DQ for QAT models,
-      placed for the engine named by ``placement``.
+      with float32 I/O for ``precision="fp16"`` (float16 I/O too with
+      ``fp16_io=True``); int8 Q/DQ for QAT models, placed for the engine
+      named by ``placement``.
     * ``openvino``: ``openvino/model.xml`` and ``model.bin``, an OpenVINO IR
       converted by OpenVINO's own converter from the ONNX (QAT models keep
       int8 as FakeQuantize; ``precision="fp16"`` stores fp16-compressed
@@ -119,7 +131,7 @@ def export(model, directory: Union[str, os.PathLike], *,
         model: A Keras 3 model (pruned ones stripped; QAT models as they are).
         directory: Where to write.
         formats: Any of ``FORMATS``.
-        precision: ``"fp32"``, ``"fp16"`` (ONNX/TensorRT/TF-TRT) or ``"int8"``
+        precision: ``"fp32"``, ``"fp16"`` (ONNX/TensorRT/TF-TRT/XLA SavedModel) or ``"int8"``
             (QAT models; TF-TRT calibrates on ``validation_data``).
         input_signature: ``tf.TensorSpec`` per input. Without it, inputs
             come from the model's symbolic inputs, else (a subclassed model)
@@ -148,6 +160,13 @@ def export(model, directory: Union[str, os.PathLike], *,
             residual adds, BatchNormalization left for TensorRT to fuse
             (what ``trtexec`` and Triton's TensorRT backend build from; slow
             on ONNX Runtime's CPU provider). The manifest records which.
+        fp16_io: With ``precision="fp16"``, make the ONNX graph's float inputs
+            and outputs float16 too: no Cast of the input batch on the way
+            in, none of the outputs on the way out. Callers then feed
+            float16 (tfopt's ONNX Runtime runners cast what they are given).
+            Validated against Keras with the fp16 tolerance. ONNX only: the
+            formats built from it (``openvino``, ``tensorrt``, ``triton``)
+            are refused with it; export them in a call of their own.
 
     Returns:
         An :class:`ExportResult`.
@@ -161,7 +180,7 @@ def export(model, directory: Union[str, os.PathLike], *,
                  input_signature=input_signature, validation_data=validation_data,
                  version=version, overwrite=overwrite, freeze=freeze, warmup=warmup,
                  opset=opset, batch_sizes=batch_sizes, name=name, tolerance=tolerance,
-                 placement=placement)
+                 placement=placement, fp16_io=fp16_io)
     stage = _staging.Staging(plan.directory, [*plan.targets.values(), "manifest.json",
                                              "timing.cache"],
                              overwrite, owned=_owned(plan), keep=("timing.cache",))
@@ -204,6 +223,7 @@ class ExportPlan:
     version: int
     tolerance: Optional[float]
     placement: str
+    fp16_io: bool = False
 
     def target(self, fmt: str) -> str:
         return _targets(self.name, self.version)[fmt]
@@ -234,7 +254,8 @@ class ArtifactResult:
 
 
 def _targets(name: str, version: int) -> dict:
-    return {"saved_model": f"saved_model/{version}", "frozen_graph": "frozen_graph.pb",
+    return {"saved_model": f"saved_model/{version}",
+            "saved_model_xla": f"saved_model_xla/{version}", "frozen_graph": "frozen_graph.pb",
             "onnx": "model.onnx", "openvino": "openvino", "tensorrt": "model.plan",
             "tftrt": f"tftrt/{version}", "triton": f"triton/{name}"}
 
@@ -259,7 +280,7 @@ def _is_relative(path) -> bool:
 
 def _plan(model, directory, *, formats, precision, input_signature, validation_data, version,
           overwrite, freeze, warmup, opset, batch_sizes, name, tolerance,
-          placement) -> ExportPlan:
+          placement, fp16_io=False) -> ExportPlan:
     if not isinstance(model, keras.Model):
         kind = _compat.check_keras_model(model)  # raises for anything else
         if kind == "tf_keras":
@@ -278,7 +299,8 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
         raise ConfigError(
             f"Unknown placement {placement!r}. Valid: {list(PLACEMENTS)}: 'onnxruntime' for "
             "ONNX Runtime's CPU provider and OpenVINO, 'tensorrt' for TensorRT.")
-    for flag, value in (("overwrite", overwrite), ("freeze", freeze), ("warmup", warmup)):
+    for flag, value in (("overwrite", overwrite), ("freeze", freeze), ("warmup", warmup),
+                        ("fp16_io", fp16_io)):
         _checks.boolean(flag, value)
     version = _checks.number("version", version, low=1, integer=True,
                              hint="TF Serving and Triton version folders are 1, 2, ...")
@@ -299,6 +321,11 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
             "tfopt.strip(model) so the masks are baked into the weights.")
     quantized = is_quantized(model)
     precision = _effective_precision(precision, quantized, formats)
+    _check_fp16_io(fp16_io, precision, formats)
+    if quantized and "saved_model_xla" in formats:
+        raise ConfigError(
+            "saved_model_xla takes float models: a QAT model's fake quantization is what "
+            "its SavedModel runs; export it with formats=('saved_model',) instead.")
     if warmup and validation_data is None:
         raise ConfigError("warmup=True builds TF Serving warm-up requests from "
                           "validation_data: pass some real inputs.")
@@ -325,7 +352,7 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
     chosen = {f: _targets(name, version)[f] for f in formats}
     return ExportPlan(model, Path(directory), formats, chosen, precision, quantized, signature,
                       feed, reference, validation_data is not None, freeze, warmup, opset,
-                      batch_sizes, name, version, tolerance, placement)
+                      batch_sizes, name, version, tolerance, placement, fp16_io)
 
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -342,6 +369,23 @@ def _check_batch_sizes(batch_sizes) -> tuple[int, int, int]:
         raise ConfigError(f"batch_sizes must be ordered min <= opt <= max, got {values}; "
                           "e.g. (1, 8, 64).")
     return values
+
+
+def _check_fp16_io(fp16_io: bool, precision: str, formats) -> None:
+    if not fp16_io:
+        return
+    if precision != "fp16":
+        raise ConfigError(f"fp16_io=True makes the inputs and outputs of an FP16 ONNX float16; "
+                          f"it needs precision='fp16', got precision={precision!r}.")
+    if "onnx" not in formats:
+        raise ConfigError(f"fp16_io=True applies to the ONNX export; add 'onnx' to formats "
+                          f"(got {list(formats)}).")
+    built_from_onnx = [f for f in formats if f in ("openvino", "tensorrt", "triton")]
+    if built_from_onnx:
+        raise ConfigError(
+            f"fp16_io=True is for the ONNX file alone; {built_from_onnx} would be built from "
+            "an ONNX with float16 inputs and outputs. Export them in a separate call without "
+            "fp16_io.")
 
 
 def _check_name(name) -> str:
@@ -475,7 +519,8 @@ def _effective_precision(precision: str, quantized: bool, formats) -> str:
 
 
 def _validation_precision(fmt: str, precision: str) -> str:
-    # The SavedModel and frozen graph compute exactly what Keras computes.
+    # The SavedModel and frozen graph compute exactly what Keras computes; the XLA
+    # SavedModel computes in the export's precision.
     return "fp32" if fmt in ("saved_model", "frozen_graph") else precision
 
 
@@ -564,6 +609,24 @@ def _build_saved_model(plan, serve, path, built, stage) -> BuiltArtifact:
                          {"frozen": plan.freeze})
 
 
+def _build_saved_model_xla(plan, serve, path, built, stage) -> BuiltArtifact:
+    model, dtype = plan.model, "float32"
+    if plan.precision == "fp16":
+        dtype = "float16"
+        try:
+            model = _saved_model.float16_clone(plan.model)
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            raise ConfigError(
+                f"saved_model_xla with precision='fp16' rebuilds the model with float16 layers, "
+                f"which failed for {plan.model.name!r}: {' '.join(str(exc).split())[:300]}. It "
+                "needs a Functional or Sequential model whose layers rebuild from their "
+                "configs; export precision='fp32' for others.") from None
+    info = _saved_model.write_xla_saved_model(model, plan.signature, path, compute_dtype=dtype,
+                                              warmup=plan.feed if plan.warmup else None)
+    return BuiltArtifact("saved_model_xla", path, _saved_model_runner(path, plan.signature),
+                         info)
+
+
 def _build_frozen_graph(plan, serve, path, built, stage) -> BuiltArtifact:
     output_names, input_names = _saved_model.write_frozen_graph(plan.model, plan.signature, path)
     from tfopt.artifacts._tf import frozen_graph_runner
@@ -585,7 +648,9 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
         steps = _qdq_steps(proto, plan)
         info["qdq_steps"] = steps["qdq_steps"]  # the basis of its int8 tolerances
     if plan.precision == "fp16":
-        proto = _onnx.to_fp16(proto)
+        proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
+        info["io_dtypes"] = _onnx.io_dtypes(proto)
+        info["edge_casts"] = _onnx.edge_casts(proto)
     _onnx.save(proto, path)
     if plan.quantized:
         info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
@@ -670,7 +735,8 @@ def _build_triton(plan, serve, path, built, stage) -> BuiltArtifact:
                          _onnx_runner(path / str(plan.version) / "model.onnx", plan.signature))
 
 
-_BUILDERS = {"saved_model": _build_saved_model, "frozen_graph": _build_frozen_graph,
+_BUILDERS = {"saved_model": _build_saved_model, "saved_model_xla": _build_saved_model_xla,
+             "frozen_graph": _build_frozen_graph,
              "onnx": _build_onnx, "openvino": _build_openvino, "tensorrt": _build_tensorrt,
              "tftrt": _build_tftrt, "triton": _build_triton}
 

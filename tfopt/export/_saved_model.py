@@ -1,8 +1,19 @@
-"""SavedModel in TF Serving's layout, and the frozen GraphDef.
+"""SavedModel in TF Serving's layout (plain, or XLA-compiled), and the frozen GraphDef.
 
 TF Serving loads ``<directory>/saved_model/<version>/``; its
 ``serving_default`` signature takes the model's inputs by name, returns its
 outputs by name, and has a dynamic batch dimension.
+
+The XLA SavedModel (``saved_model_xla/<version>/``) serves through a
+``tf.function(jit_compile=True)``: the function in the SavedModel carries
+the ``_XlaMustCompile`` attribute, and TensorFlow's runtime compiles it with
+XLA for each input shape on first use (on GPU, XLA fuses each convolution
+with its bias, residual add and activation). TF Serving runs it only when
+started with ``--xla_cpu_compilation_enabled=true``: its ``main.cc`` calls
+``tensorflow::DisableXlaCompilation()`` otherwise, and TensorFlow's
+``DeviceCompiler`` (``tensorflow/compiler/jit/device_compiler.h``) then
+answers every uncompiled XLA cluster, on any device, with "XLA compilation
+disabled", despite the flag's name.
 """
 
 from __future__ import annotations
@@ -30,6 +41,99 @@ def serving_function(model: keras.Model, signature: ModelSignature) -> tf.types.
         return signature.call(model, tensors)
 
     return tf.function(serve, input_signature=list(signature.inputs))
+
+
+XLA_ATTRIBUTE = "_XlaMustCompile"
+
+
+def xla_serving_function(model: keras.Model, signature: ModelSignature):
+    """A ``tf.function(jit_compile=True)`` serving ``model``; float16/bfloat16 outputs as float32.
+
+    The signature keeps the Keras model's float32 outputs, whatever the
+    compute dtype inside, so clients need not change.
+    """
+
+    def serve(*tensors):
+        outputs = signature.call(model, tensors)
+        return {name: tf.cast(value, tf.float32) if value.dtype in (tf.float16, tf.bfloat16)
+                else value for name, value in outputs.items()}
+
+    return tf.function(serve, input_signature=list(signature.inputs), jit_compile=True)
+
+
+def float16_clone(model: keras.Model, dtype: str = "float16") -> keras.Model:
+    """``model`` rebuilt layer by layer with the ``dtype`` policy, its weights cast to it.
+
+    Functional and Sequential models only (nested ones too): each layer is
+    recreated from its config with ``dtype`` as its policy, so variables are
+    stored in ``dtype`` and computed in it. Keras' BatchNormalization still
+    normalizes in float32 internally. The model's inputs stay float32: the
+    first layer casts them. The user's model is not changed.
+
+    Raises:
+        ValueError: If the model cannot be rebuilt from its layers' configs
+            (a subclassed model) or its weights do not line up.
+    """
+    def rebuild(layer):
+        config = layer.get_config()
+        config["dtype"] = dtype
+        return layer.__class__.from_config(config)
+
+    clone = keras.models.clone_model(model, clone_function=rebuild, recursive=True)
+    source, target = model.weights, clone.weights
+    if len(source) != len(target):
+        raise ValueError(f"the {dtype} clone has {len(target)} weights, the model "
+                         f"{len(source)}")
+    values = []
+    for old, new in zip(source, target):
+        if tuple(old.shape) != tuple(new.shape):
+            raise ValueError(f"weight {old.path} has shape {tuple(old.shape)}, its {dtype} "
+                             f"copy {new.path} {tuple(new.shape)}")
+        values.append(np.asarray(keras.ops.convert_to_numpy(old)).astype(
+            keras.backend.standardize_dtype(new.dtype)))
+    for new, value in zip(target, values):
+        new.assign(value)
+    return clone
+
+
+def write_xla_saved_model(model: keras.Model, signature: ModelSignature, path: Path, *,
+                          compute_dtype: str = "float32",
+                          warmup: Optional[Sequence[np.ndarray]] = None) -> dict:
+    """Write a SavedModel whose ``serving_default`` is compiled by XLA; check that it is.
+
+    ``model`` is served as given (pass :func:`float16_clone` for FP16). The
+    written ``saved_model.pb`` is read back and must hold a function with
+    ``_XlaMustCompile`` set, or ``RuntimeError`` is raised. Returns
+    ``{"xla_functions": n, "compute_dtype": ...}`` for the manifest.
+    """
+    serve = xla_serving_function(model, signature)
+    concrete = serve.get_concrete_function()
+    root = _root(concrete.variables)
+    root.serve = serve
+    tf.saved_model.save(root, str(path), signatures={"serving_default": concrete})
+    if warmup is not None:
+        write_warmup_requests(path / WARMUP_FILE, signature, warmup)
+    marked = xla_functions(path)
+    if not marked:
+        raise RuntimeError(f"The SavedModel at {path} lost the {XLA_ATTRIBUTE} attribute of "
+                           "its serving function: TensorFlow would run it without XLA.")
+    return {"xla_functions": len(marked), "xla_attribute": XLA_ATTRIBUTE,
+            "compute_dtype": compute_dtype}
+
+
+def xla_functions(path: Path) -> list[str]:
+    """Names of the functions in a SavedModel's graph marked ``_XlaMustCompile``."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    proto.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    found = []
+    for meta_graph in proto.meta_graphs:
+        for function in meta_graph.graph_def.library.function:
+            attr = function.attr.get(XLA_ATTRIBUTE)
+            if attr is not None and attr.b:
+                found.append(function.signature.name)
+    return found
 
 
 def frozen_function(serve) -> tf.types.experimental.ConcreteFunction:
