@@ -179,8 +179,10 @@ OPTIMIZER = "Adam(clipnorm=1.0)"
 # What a row was measured with. Rows of an older version are rerun by --resume
 # and marked in the table. 2: ONNX Runtime's INT8 placement (issue 8), the
 # OpenVINO column, INT8 tolerances in quantization steps (issue 14), grouped
-# convolutions through ONNX.
-ZOO_VERSION = 2
+# convolutions through ONNX. 3: composite layers rewritten as copies (the
+# user's model untouched), the ORT placement computing what QAT computes on
+# transformers.
+ZOO_VERSION = 3
 
 
 def _optimizer():
