@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import tfopt  # noqa: E402
+from tfopt.artifacts._ort import default_session_options  # noqa: E402
 from tfopt.export import _ort_quant  # noqa: E402
 
 MODELS = {
@@ -77,9 +78,9 @@ def anchor(fp32_path: Path, out: Path, calibration: np.ndarray) -> Path:
 
 
 def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # Threads that sleep between runs: spinning ones would take the CPU from the next file.
+    return ort.InferenceSession(str(path), default_session_options(),
+                                providers=["CPUExecutionProvider"])
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
