@@ -97,6 +97,8 @@ def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=Non
     optimization level, a dump of the optimized graph); default
     :func:`default_session_options`.
     """
+    import onnxruntime as ort
+
     options = session_options if session_options is not None else default_session_options()
     chosen = [(provider, cuda_options or {})] if provider.startswith("CUDA") else [provider]
     sess = ort.InferenceSession(str(path), options, providers=chosen)
