@@ -357,7 +357,8 @@ def save(proto, path: Path) -> None:
 
 
 def session(path: Path, providers=("CPUExecutionProvider",)):
+    """A quiet ONNX Runtime session whose threads sleep between runs (see tfopt.artifacts)."""
     ort = _require("onnxruntime")
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=list(providers))
+    from tfopt.artifacts._ort import default_session_options
+
+    return ort.InferenceSession(str(path), default_session_options(), providers=list(providers))
