@@ -153,6 +153,27 @@ def test_int8_validation_refuses_a_weight_scale_off_by_one_percent(
         assert result.errors["onnx"]["logits"]["max_abs"] > 0  # the values did move
 
 
+def test_default_placement_refuses_a_conversion_with_a_scale_off_by_one_percent(
+        trained_digits, digits, tmp_path, monkeypatch):
+    # ONNX Runtime's placement re-rounds the graph, so the placed file is held to a
+    # relative bound; the conversion it starts from is checked in steps first.
+    from tfopt.export import _onnx
+
+    (x, _), (x_test, _) = digits
+    qat = tfopt.quantize(trained_digits, calibration_data=x[:256])
+    convert = _onnx.convert
+    monkeypatch.setattr(_onnx, "convert", lambda *a, **k: scale_weight_dequantize(
+        convert(*a, **k), -1, 1.01))
+    with pytest.raises(errors.ExportValidationError,
+                       match=r"QAT graph as converted.*output 'logits'.*int8: step"):
+        tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(_onnx, "convert", convert)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x_test)
+    converted = result.manifest["artifacts"]["onnx"]["converted_errors"]["logits"]
+    assert converted["basis"].startswith("int8: step")
+
+
 def test_separable_conv_einsum_dense_and_dot_get_qdq(tmp_path):
     inputs = keras.Input((6, 6, 4), name="x")
     y = layers.SeparableConv2D(8, 3, name="sep")(inputs)  # (4, 4, 8)

@@ -524,33 +524,25 @@ def _validation_precision(fmt: str, precision: str) -> str:
     return "fp32" if fmt in ("saved_model", "frozen_graph") else precision
 
 
-# INT8 bounds, in steps of each output, for ONNX Runtime's placement (see _tolerances).
-ORT_PLACEMENT_STEPS = {"max_steps": 32.0, "mean_steps": 4.0}
-
-
 def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
     """What each output of ``fmt`` may differ from Keras by.
 
-    INT8 artifacts built from a Q/DQ ONNX (the ONNX itself, OpenVINO, TensorRT,
-    Triton) get bounds in quantization steps of each output, read from the scales of
-    the ONNX they run (``steps`` of the TensorRT artifact when TensorRT built
-    its own placement, else of the ONNX), widened where the graph carries
-    rounding flips far; everything else a fraction of each output's largest
-    magnitude. A ``tolerance=`` from the user replaces both.
+    INT8 artifacts that run TensorRT's placement (Keras's own QAT graph: the
+    ONNX with ``placement="tensorrt"``, the TensorRT engine, Triton and
+    OpenVINO built from that ONNX) get bounds in quantization steps of each
+    output, read from the scales of that graph, widened where it carries
+    rounding flips far. ONNX Runtime's placement adds roundings of its own:
+    its conversion is checked in steps before placing (``_check_converted``)
+    and the placed file gets the relative int8 bound, as does everything
+    else its precision's. A ``tolerance=`` from the user replaces both.
     """
     precision = _validation_precision(fmt, plan.precision)
     if plan.tolerance is None and precision == "int8" \
             and fmt in ("onnx", "openvino", "tensorrt", "triton"):
         source = built[fmt] if built[fmt].steps else built.get("onnx")
         if source is not None and source.steps:
-            # TensorRT's placement is Keras's QAT graph. ORT's adds quantizers where QAT
-            # kept float (residual sums, pooling inputs: ranges calibrated on
-            # validation_data) and folds BN, each a rounding Keras does not do: its
-            # outputs sit further from Keras, by an amount no scale of its own predicts.
-            loose = fmt != "tensorrt" and plan.placement != "tensorrt"
             return int8_tolerances(source.steps["qdq_steps"], plan.reference,
-                                   source.steps["qdq_noise"],
-                                   **(ORT_PLACEMENT_STEPS if loose else {}))
+                                   source.steps["qdq_noise"])
     return relative_tolerances(plan.reference, precision, plan.tolerance)
 
 
@@ -643,10 +635,14 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     if plan.quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
         info["qdq_placement"] = plan.placement
-        if plan.placement == "onnxruntime":
-            proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
+        # The QAT graph as converted (TensorRT's placement) is Keras's own: it is held
+        # to bounds in quantization steps, tight enough to refuse a scale off by 1%.
         steps = _qdq_steps(proto, plan)
-        info["qdq_steps"] = steps["qdq_steps"]  # the basis of its int8 tolerances
+        info["qdq_steps"] = steps["qdq_steps"]
+        if plan.placement == "onnxruntime":
+            info["converted_errors"] = _check_converted(proto, steps, plan)
+            proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
+            steps = {}  # ORT's own roundings: the file is held to the relative int8 bound
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
         info["io_dtypes"] = _onnx.io_dtypes(proto)
@@ -655,6 +651,34 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     if plan.quantized:
         info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
     return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info, steps)
+
+
+def _check_converted(proto, steps: dict, plan) -> dict:
+    """Run the QAT graph as converted and compare it with Keras, in quantization steps.
+
+    ONNX Runtime's placement re-quantizes this graph with QAT's ranges and
+    grids, and adds roundings of its own (BatchNorm folded, tensors QAT kept
+    float calibrated where they chain integer kernels), so the placed file
+    can only be held to a relative bound. The conversion it starts from is
+    checked here as tightly as TensorRT's placement is.
+    """
+    import onnxruntime
+
+    from tfopt.artifacts._ort import default_session_options
+
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), default_session_options(),
+                                           providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    with third_party_quiet():
+        actual = dict(zip(names, session.run(
+            names, dict(zip(plan.signature.input_names, plan.feed)))))
+    if plan.tolerance is None:
+        limits = int8_tolerances(steps["qdq_steps"], plan.reference, steps["qdq_noise"])
+    else:
+        limits = relative_tolerances(plan.reference, "int8", plan.tolerance)
+    errors = compare("onnx (the QAT graph as converted, before ONNX Runtime's placement)",
+                     plan.reference, actual, limits)
+    return {k: e.as_dict() for k, e in errors.items()}
 
 
 def _qdq_steps(proto, plan) -> dict:
