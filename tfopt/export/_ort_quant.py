@@ -429,6 +429,8 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         if lost:
             logger.info("%d trained range(s) name tensors that BatchNorm folding removed; "
                         "those tensors are calibrated instead: %s", len(lost), lost[:5])
+        grids = _overrides(folded, ranges)
+        weight_names = {i.name for i in folded.graph.initializer}
         quantize_static(
             str(tmp / "folded.onnx"), str(tmp / "int8.onnx"),
             _Batches(input_names, arrays, batch_size),
@@ -438,17 +440,16 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
             nodes_to_exclude=_nodes_left_in_float(folded, ranges),
             extra_options={
                 "TensorQuantOverrides": {
-                    **_overrides(folded, ranges),
+                    **grids,
                     # per tensor, as QAT quantized them; max/127 of the fake-quantized
                     # values is QAT's own scale, so the int8 values are QAT's too
                     **{w: [{"symmetric": True}] for w in qat.per_tensor_weights
-                       if w in {i.name for i in folded.graph.initializer}}},
+                       if w in weight_names}},
                 "WeightSymmetric": True,  # [-127, 127] per channel: QAT's weight grid
                 "QDQDisableWeightAdjustForInt32Bias": True,  # keep that grid
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
             })
         proto = onnx.load(str(tmp / "int8.onnx"))
-        grids = _overrides(folded, ranges)
     _float_outputs(proto)
     _drop_idle_qdq(proto, ranges)
     _keep_qat_roundings(proto, grids, qat.rounded_readers)
