@@ -349,3 +349,14 @@ def test_tf_keras_models_are_quantized_by_tfmot():
     assert any("Quantize" in type(layer).__name__ for layer in qat.layers)
     with pytest.raises(errors.AlreadyQuantizedError):
         tfopt.quantize(qat)
+
+
+def test_widened_tolerance_is_the_larger_of_the_bound_and_the_measured_noise():
+    from tfopt.export._validate import Tolerance, widened
+
+    bounds = {"a": Tolerance(0.1, 0.01, "int8"), "b": Tolerance(0.1, 0.01, "int8")}
+    noise = {"a": {"max_abs": 0.01, "mean_abs": 0.001}, "b": {"max_abs": 0.2, "mean_abs": 0.02}}
+    result = widened(bounds, noise)
+    assert result["a"] == bounds["a"]
+    assert result["b"].max_abs == pytest.approx(0.6) and result["b"].mean_abs == pytest.approx(0.06)
+    assert "rounding noise" in result["b"].basis

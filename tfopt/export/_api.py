@@ -25,7 +25,7 @@ from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
 from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
-                                    relative_tolerances, rounding_noise, sizes)
+                                    relative_tolerances, rounding_noise, sizes, widened)
 
 logger = logging.getLogger(__name__)
 
@@ -540,9 +540,12 @@ def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
     if plan.tolerance is None and precision == "int8" \
             and fmt in ("onnx", "openvino", "tensorrt", "triton"):
         source = built[fmt] if built[fmt].steps else built.get("onnx")
-        if source is not None and source.steps:
+        if source is not None and "qdq_steps" in source.steps:
             return int8_tolerances(source.steps["qdq_steps"], plan.reference,
                                    source.steps["qdq_noise"])
+        if source is not None and "qdq_noise" in source.steps:
+            return widened(relative_tolerances(plan.reference, "int8"),
+                           source.steps["qdq_noise"])
     return relative_tolerances(plan.reference, precision, plan.tolerance)
 
 
@@ -642,7 +645,9 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
         if plan.placement == "onnxruntime":
             info["converted_errors"] = _check_converted(proto, steps, plan)
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
-            steps = {}  # ORT's own roundings: the file is held to the relative int8 bound
+            # ORT's own roundings: the file is held to the relative int8 bound, no
+            # tighter than the rounding noise the converted graph carries
+            steps = {"qdq_noise": steps["qdq_noise"]}
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
         info["io_dtypes"] = _onnx.io_dtypes(proto)
@@ -703,6 +708,8 @@ def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:
     if ov_runtime.bf16_available():  # what OpenVINO runs by default on this CPU: check it too
         limits = relative_tolerances(plan.reference, "int8" if plan.precision == "int8"
                                      else "bf16", plan.tolerance)
+        if plan.precision == "int8" and plan.tolerance is None and built["onnx"].steps:
+            limits = widened(limits, built["onnx"].steps["qdq_noise"])
         errors = compare("openvino (bf16 inference precision)", plan.reference,
                          runner("bf16")(plan.feed), limits)
         info["bf16_errors"] = {k: e.as_dict() for k, e in errors.items()}

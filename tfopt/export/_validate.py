@@ -145,6 +145,29 @@ def int8_tolerances(steps: Mapping[str, Optional[float]], reference: Mapping[str
     return result
 
 
+def widened(tolerances: Mapping[str, Tolerance], noise: Mapping[str, Mapping[str, float]],
+            noise_factor: float = INT8_NOISE_FACTOR) -> dict[str, Tolerance]:
+    """``tolerances`` made no tighter than ``noise_factor`` x the measured rounding noise.
+
+    For an INT8 file whose roundings fall elsewhere than Keras's (ONNX
+    Runtime's placement): in a deep network each one-step flip moves the
+    values after it, and how far is what :func:`rounding_noise` measured on
+    the QAT graph as converted.
+    """
+    result = {}
+    for name, tolerance in tolerances.items():
+        measured = noise.get(name, {})
+        floor = noise_factor * measured.get("max_abs", 0.0)
+        mean_floor = noise_factor * measured.get("mean_abs", 0.0)
+        if floor <= tolerance.max_abs:
+            result[name] = tolerance
+            continue
+        result[name] = Tolerance(
+            floor, None if tolerance.mean_abs is None else max(tolerance.mean_abs, mean_floor),
+            f"{tolerance.basis}, widened to {noise_factor:g} x rounding noise {floor / noise_factor:.3g}")
+    return result
+
+
 def rounding_noise(proto, feed: Mapping[str, np.ndarray],
                    relative: float = 1e-5) -> dict[str, dict[str, float]]:
     """How far a Q/DQ graph's outputs move when its arithmetic rounds differently.
