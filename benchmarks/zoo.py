@@ -82,6 +82,11 @@ NOT_AVAILABLE = "n/a: tfopt.export has no 'openvino' format yet"
 
 # Known failures that cannot pass yet: a substring of the error -> the plan.
 PLANS: dict[str, str] = {
+    "ONNX INT8 on a fresh batch differs": (
+        "Not a layer type: this deep random-weight network carries one-step rounding "
+        "flips far (export measured that on the converted graph and allowed 3x its "
+        "rounding noise), while this fresh-batch check uses the flat 5% int8 bound. "
+        "Plan: hold the fresh batch to the export's own tolerance."),
     "(nan of": (
         "Not a layer type: with plain Adam the stem gradient of this pruned random-weight "
         "EfficientNet passes 1e19 on random data, Adam's square of it overflows "
