@@ -196,16 +196,21 @@ def dequantize(proto) -> QatGraph:
         if node.op_type in _VALUE_PRESERVING and node.output[0] in ranges \
                 and node.input[0] not in ranges and node.input[0] not in initializers:
             ranges[node.input[0]] = ranges[node.output[0]]
-    del graph.node[:]
-    graph.node.extend(kept)
     graph.initializer.extend(weights)
     del graph.value_info[:]  # layout ops between Q and DQ were typed int8; shapes are re-inferred
-    used = {i for n in kept for i in n.input}
+    _set_nodes(graph, kept)
+    return QatGraph(proto, ranges, per_channel, frozenset(per_tensor),
+                    {k: frozenset(v) for k, v in rounded_readers.items()})
+
+
+def _set_nodes(graph, nodes) -> None:
+    """Make ``nodes`` the graph's nodes, and drop the initializers none of them reads."""
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in nodes for i in n.input}
     live = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(live)
-    return QatGraph(proto, ranges, per_channel, frozenset(per_tensor),
-                    {k: frozenset(v) for k, v in rounded_readers.items()})
 
 
 def _fold_constant_layout(graph) -> None:
@@ -515,13 +520,7 @@ def _float_outputs(proto) -> None:
             continue
         source.output[:] = [output.name if o == q.input[0] else o for o in source.output]
         drop.update((id(q), id(dq)))
-    kept = [n for n in graph.node if id(n) not in drop]
-    del graph.node[:]
-    graph.node.extend(kept)
-    used = {i for n in kept for i in n.input}
-    live = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    _set_nodes(graph, [n for n in graph.node if id(n) not in drop])
 
 
 def _drop_idle_qdq(proto, trained) -> None:
@@ -575,12 +574,7 @@ def _drop_idle_qdq(proto, trained) -> None:
         kept = [n for n in graph.node if id(n) not in drop]
         for node in kept:
             node.input[:] = [rename.get(i, i) for i in node.input]
-        del graph.node[:]
-        graph.node.extend(kept)
-        used = {i for n in kept for i in n.input}
-        live = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(live)
+        _set_nodes(graph, kept)
 
 
 def _keep_qat_roundings(proto, grids: dict, readers: dict) -> None:
