@@ -82,11 +82,6 @@ NOT_AVAILABLE = "n/a: tfopt.export has no 'openvino' format yet"
 
 # Known failures that cannot pass yet: a substring of the error -> the plan.
 PLANS: dict[str, str] = {
-    "ONNX INT8 on a fresh batch differs": (
-        "Not a layer type: this deep random-weight network carries one-step rounding "
-        "flips far (export measured that on the converted graph and allowed 3x its "
-        "rounding noise), while this fresh-batch check uses the flat 5% int8 bound. "
-        "Plan: hold the fresh batch to the export's own tolerance."),
     "(nan of": (
         "Not a layer type: with plain Adam the stem gradient of this pruned random-weight "
         "EfficientNet passes 1e19 on random data, Adam's square of it overflows "
@@ -156,8 +151,8 @@ def _export_error(result, fmt) -> float:
     return max(e["max_abs"] for e in result.errors[fmt].values())
 
 
-def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> float:
-    """Run an exported ONNX file on a batch the export never saw; max abs error."""
+def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> dict[str, float]:
+    """Run an exported ONNX file on a batch the export never saw; max abs error by output."""
     import keras
     import numpy as np
     import onnxruntime as ort
@@ -169,12 +164,12 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> float:
     else:
         feed = {names[0]: feed_batch}
     got = session.run(None, feed)
+    outputs = [o.name for o in session.get_outputs()]
     want = keras.tree.flatten(expected)
     if isinstance(expected, dict):  # ONNX outputs follow the manifest's order
-        outputs = [o.name for o in session.get_outputs()]
         want = [np.asarray(expected[n]) for n in outputs]
-    return max(float(np.max(np.abs(np.asarray(g, "float64") - np.asarray(w, "float64"))))
-               for g, w in zip(got, want))
+    return {name: float(np.max(np.abs(np.asarray(g, "float64") - np.asarray(w, "float64"))))
+            for name, g, w in zip(outputs, got, want)}
 
 
 # Gradients of random-weight networks pruned to 50% explode on random data (EfficientNet
@@ -304,8 +299,10 @@ def run_one(name: str) -> dict:
         return _fmt(_export_error(result, "openvino"), _scale(state["float_out"]))
 
     def validation():
-        # A batch the exports never saw, ONNX Runtime against the Keras models,
-        # with tfopt's own tolerances (relative to the largest output, plus a floor).
+        # A batch the exports never saw, ONNX Runtime against the Keras models, held
+        # to tfopt's relative tolerance (of the largest output, plus a floor) or to
+        # what the export itself allowed that output, whichever is larger: an INT8
+        # export allows a deep network's rounding noise, measured on the graph.
         from tfopt.export._validate import TOLERANCES
 
         cells = []
@@ -313,14 +310,18 @@ def run_one(name: str) -> dict:
                 ("FP32", state["float_export"], state["plain"], "fp32"),
                 ("INT8", state["int8_export"], state["qat"], "int8")]:
             expected = keras_model(second, training=False)
-            error = _fresh_check(result.paths["onnx"], None, second, expected)
+            errors = _fresh_check(result.paths["onnx"], None, second, expected)
             rel, floor = TOLERANCES[precision]
             scale = _scale(expected)
-            if not error <= floor + rel * scale:
-                raise AssertionError(
-                    f"ONNX {label} on a fresh batch differs from Keras by {error:.3g} "
-                    f"(rel {error / scale:.2g}), above the {precision} tolerance "
-                    f"{floor + rel * scale:.3g}")
+            for output, error in errors.items():
+                allowed = max(floor + rel * scale,
+                              result.errors["onnx"].get(output, {}).get("tolerance", 0.0))
+                if not error <= allowed:
+                    raise AssertionError(
+                        f"ONNX {label} on a fresh batch differs from Keras by {error:.3g} "
+                        f"(rel {error / scale:.2g}) on {output!r}, above the {precision} "
+                        f"tolerance {allowed:.3g}")
+            error = max(errors.values())
             cells.append(f"{label} {error:.2g} (rel {error / scale:.1g})")
         return "fresh batch: " + ", ".join(cells)
 

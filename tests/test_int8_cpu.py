@@ -169,6 +169,25 @@ def test_cpu_placement_has_scalar_zero_points_uint8_activations_and_int32_biases
     assert len(biases) == 2  # one per convolution, BatchNorm's shift folded in
 
 
+@pytest.mark.parametrize("make", [conv_bn_relu, dense_mlp])
+def test_cpu_placement_saturates_where_qat_ranges_clip(make, tmp_path):
+    """A QAT range narrower than its data clips in Keras; the ONNX file must clip there too.
+
+    A short fine-tune of a wide Dense leaves ranges like this (VGG16 in the zoo was
+    100% off Keras when ReLU outputs saturated at twice the trained maximum).
+    """
+    qat, x = qat_of(make)
+    for layer in qat.layers:
+        for variable in layer.non_trainable_variables:
+            if variable.name.endswith("amax"):
+                variable.assign(variable.numpy() * 0.25)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    session = ort.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    want = np.asarray(qat(x, training=False))
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want))
+
+
 def weight_tensors(path):
     proto = onnx.load(str(path))
     values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}

@@ -22,19 +22,23 @@ So the CPU placement is rewritten from the QAT graph here, in three steps:
 3. ``quantize_static`` (QDQ format, the writer whose output ONNX Runtime's
    fusions are written against) quantizes the folded graph with the QAT
    ranges imposed through ``TensorQuantOverrides``: tensors QAT quantized
-   keep QAT's grid exactly (int8 with zero point 0 and scale ``s`` becomes
-   uint8 with zero point 128 and scale ``s``, the same values; after a ReLU,
-   uint8 with zero point 0 and scale ``s``, so the ReLU is absorbed).
+   keep QAT's range: int8 with zero point 0 and scale ``s`` becomes uint8
+   with zero point 128 and scale ``s``, QAT's grid exactly. After a ReLU,
+   uint8 with zero point 0, so that ONNX Runtime absorbs the ReLU, and scale
+   ``127 s / 255``: uint8 saturates where QAT does, on a grid twice as fine.
    Tensors QAT left alone between two quantized ops (a residual sum, a
    pooling, a swish) are calibrated on the export's data, as ONNX Runtime's
    post-training quantizer does. Convolutions and matrix products QAT left
    in float stay in float, and the graph's outputs stay float.
 
-Two deviations from the QAT model, both small and both toward float: after
-a ReLU, values above the trained maximum saturate at twice it (uint8's
-range) instead of at it; after a clipped ReLU (ReLU6) whose trained range
-would overflow the clip in uint8, the step is ``clip / 255`` instead of
-QAT's ``amax / 127``. Biases become int32 at the input-times-weight scale.
+So the file departs from the QAT model by at most half of QAT's step on a
+tensor after a ReLU (rounded on the finer grid), toward float, and nowhere
+else but the roundings ONNX Runtime adds (BatchNorm folded into the weights,
+tensors QAT left float between two integer kernels, int32 biases at the
+input-times-weight scale). Saturating at twice the trained maximum instead
+(uint8 at QAT's step) would keep QAT's grid, but a QAT model whose ranges
+clip, which a short fine-tune of a wide ``Flatten -> Dense`` leaves, would
+then compute something else entirely (VGG16 was 100% off).
 """
 
 from __future__ import annotations
@@ -295,8 +299,10 @@ def _overrides(proto, ranges: dict[str, float]) -> dict:
         producer = producers.get(tensor)
         zero = 128
         if producer is not None and producer.op_type in ("Relu", "Clip"):
-            # Non-negative: uint8 zero point 0 lets ONNX Runtime absorb the activation.
+            # Non-negative: uint8 zero point 0 lets ONNX Runtime absorb the activation,
+            # and 255 steps up to QAT's maximum saturate where QAT does.
             zero = 0
+            step = amax / 255.0
             if producer.op_type == "Clip" and len(producer.input) > 2 and producer.input[2]:
                 clip = float(initializers.get(producer.input[2], np.inf))
                 if 255 * step > clip:  # the Q must not reach past the clip, or it stays

@@ -16,7 +16,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-# A channel whose weights are all zero (pruned away) still needs a non-zero range.
+# An activation range of zero (a tensor that was zero on all calibration data) still
+# needs a non-zero scale.
 _MIN_RANGE = 1e-8
 
 
@@ -25,6 +26,12 @@ def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
     """Symmetric fake quantization of a weight, per channel along ``channel_axis``.
 
     ``channel_axis=None`` quantizes per tensor. Zero stays exactly zero.
+
+    A channel whose weights are all zero (pruned away) gets the largest range
+    of the layer's other channels, or 1 if it has none: its int8 values are
+    zero whatever the scale, but an engine that adds the bias in int32 at the
+    scale ``input_scale * weight_scale`` (ONNX Runtime's ``QLinearConv``)
+    would overflow on a tiny one and lose the channel's bias.
     """
     rank = weight.shape.rank
     if channel_axis is None:
@@ -34,7 +41,9 @@ def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
         axis = channel_axis % rank
         reduce = [d for d in range(rank) if d != axis]
         amax = tf.reduce_max(tf.abs(weight), axis=reduce)
-    amax = tf.maximum(amax, _MIN_RANGE)
+    largest = tf.reduce_max(amax)
+    fallback = tf.where(largest > 0, largest, tf.ones_like(largest))
+    amax = tf.where(amax > 0, amax, fallback)
     return tf.raw_ops.QuantizeAndDequantizeV3(
         input=weight, input_min=-amax, input_max=amax, num_bits=bits,
         signed_input=True, range_given=True, narrow_range=narrow_range, axis=axis,
