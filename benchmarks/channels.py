@@ -24,6 +24,7 @@ Usage: python benchmarks/channels.py [--models resnet50,mobilenetv2]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -41,6 +42,7 @@ import onnxruntime as ort  # noqa: E402
 
 import tfopt  # noqa: E402
 from tfopt import _flops, artifacts  # noqa: E402
+from tfopt.bench._timing import interleaved  # noqa: E402
 from tfopt.pruning._api import prune_now  # noqa: E402
 
 MODELS = {"resnet50": keras.applications.ResNet50,
@@ -76,17 +78,10 @@ def cpu_runner(path: Path):
 
 
 def time_interleaved(runners: dict, batch: int, rounds: int) -> dict:
-    """Median seconds per call; every round times each model once, in turn."""
+    """Median seconds per call; every round times each model once, the order rotating."""
     x = [images(batch, seed=3)]
-    for runner in runners.values():  # warm-up
-        for _ in range(2):
-            runner.run(x)
-    samples = {k: [] for k in runners}
-    for _ in range(rounds):
-        for key, runner in runners.items():
-            start = time.perf_counter()
-            runner.run(x)
-            samples[key].append(time.perf_counter() - start)
+    samples = interleaved({k: functools.partial(r.run, x) for k, r in runners.items()},
+                          rounds=rounds)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

@@ -27,6 +27,7 @@ Usage (run it alone on the machine, e.g. under a lock):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -81,19 +82,14 @@ def runners(float_export, int8_export):
     return {k: chosen[k] for k in ENGINES if k in chosen}
 
 
-def interleaved(chosen: dict, feed, rounds: int, calls: int, warmup: int = 2) -> dict:
-    """Median seconds per call of each runner, over ``rounds`` rounds of ``calls`` calls."""
-    for runner in chosen.values():
-        for _ in range(warmup):
-            runner.run(feed)
-    samples = {k: [] for k in chosen}
-    for _ in range(rounds):
-        for key, runner in chosen.items():
-            for _ in range(calls):
-                start = time.perf_counter()
-                runner.run(feed)
-                samples[key].append(time.perf_counter() - start)
-    return {k: {"median_ms": 1e3 * statistics.median(v), "runs": len(v)} for k, v in samples.items()}
+def time_engines(chosen: dict, feed, rounds: int, calls: int) -> dict:
+    """Median ms per call of each runner, over ``rounds`` rounds of ``calls`` calls."""
+    from tfopt.bench._timing import interleaved
+
+    samples = interleaved({k: functools.partial(r.run, feed) for k, r in chosen.items()},
+                          rounds=rounds, calls=calls)
+    return {k: {"median_ms": 1e3 * statistics.median(v), "runs": len(v)}
+            for k, v in samples.items()}
 
 
 def _ms(value) -> str:
@@ -170,7 +166,7 @@ def main(argv=None) -> None:
             for batch in batches:
                 feed = [np.ascontiguousarray(x[:batch])]
                 calls = 5 if batch == 1 else 1
-                timed = interleaved(chosen, feed, args.rounds, calls)
+                timed = time_engines(chosen, feed, args.rounds, calls)
                 results["cells"].append({"model": name, "batch": batch, "engines": timed})
                 print(f"{name} batch {batch}: " + ", ".join(
                     f"{k} {v['median_ms']:.3g} ms" for k, v in timed.items()), flush=True)

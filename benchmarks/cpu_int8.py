@@ -23,6 +23,7 @@ Usage: python benchmarks/cpu_int8.py [--models resnet50,mobilenetv2,efficientnet
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -39,6 +40,7 @@ import onnxruntime as ort  # noqa: E402
 
 import tfopt  # noqa: E402
 from tfopt.artifacts._ort import default_session_options  # noqa: E402
+from tfopt.bench._timing import interleaved  # noqa: E402
 from tfopt.export import _ort_quant  # noqa: E402
 
 MODELS = {
@@ -123,19 +125,12 @@ def prepare(name: str, workdir: Path) -> dict:
 
 
 def time_interleaved(paths: dict, batch: int, rounds: int) -> dict:
-    """Median seconds per call; every round times each file once, in turn."""
+    """Median seconds per call; every round times each file once, the order rotating."""
     sessions = {k: session(p) for k, p in paths.items()}
     x = images(batch, seed=3)
-    feeds = {k: {s.get_inputs()[0].name: x} for k, s in sessions.items()}
-    for key, sess in sessions.items():  # warm-up
-        for _ in range(2):
-            sess.run(None, feeds[key])
-    samples = {k: [] for k in sessions}
-    for _ in range(rounds):
-        for key, sess in sessions.items():
-            start = time.perf_counter()
-            sess.run(None, feeds[key])
-            samples[key].append(time.perf_counter() - start)
+    calls = {k: functools.partial(s.run, None, {s.get_inputs()[0].name: x})
+             for k, s in sessions.items()}
+    samples = interleaved(calls, rounds=rounds)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

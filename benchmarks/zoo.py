@@ -177,13 +177,19 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> dict[str
 OPTIMIZER = "Adam(clipnorm=1.0)"
 
 # What a row was measured with. Rows of an older version are rerun by --resume
-# and marked in the table. 2: ONNX Runtime's INT8 placement (issue 8), the
-# OpenVINO column, INT8 tolerances in quantization steps (issue 14), grouped
-# convolutions through ONNX. 3: composite layers rewritten as copies (the
-# user's model untouched), the ORT placement computing what QAT computes on
-# transformers. 4: ORT placement validated as its conversion in steps, the placed
-# file within the relative int8 bound.
-ZOO_VERSION = 4
+# and marked in the table, which names the changes they predate.
+CHANGES = {
+    2: "ONNX Runtime's INT8 placement, the OpenVINO column, INT8 tolerances in "
+       "quantization steps, grouped convolutions through ONNX",
+    3: "composite layers rewritten as copies (the user's model untouched), the ONNX "
+       "Runtime placement computing what QAT computes on transformers",
+    4: "the ONNX Runtime placement validated as its conversion in steps and the placed "
+       "file within the relative int8 bound",
+    5: "ReLU outputs saturating where QAT does in the ONNX Runtime placement, pruned-away "
+       "channels keeping their bias in INT8, the fresh-batch check allowing what the "
+       "export allowed",
+}
+ZOO_VERSION = max(CHANGES)
 
 
 def _optimizer():
@@ -432,9 +438,10 @@ def write_table(rows: dict) -> None:
         "work (sum of each row's subprocess, build to validation).",
         "",
         f"Rows marked *(stale)* were measured by an older version of the zoo "
-        f"({', '.join(stale) or 'none now'}): before ONNX Runtime's INT8 placement, the "
-        "OpenVINO column, INT8 tolerances in quantization steps and grouped convolutions "
-        "through ONNX. `python benchmarks/zoo.py --resume` reruns them.",
+        f"({', '.join(stale) or 'none now'})" + (
+            ", before: " + "; ".join(CHANGES[v] for v in sorted(CHANGES) if v > min(
+                rows[n].get("zoo_version", 1) for n in stale)) if stale else "")
+        + ". `python benchmarks/zoo.py --resume` reruns them.",
         "",
         f"Both fits use `{OPTIMIZER}`"
         + (f", except rows run before it was introduced, with plain `Adam()`: "

@@ -77,3 +77,15 @@ def test_unknown_artifacts_are_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(ConfigError, match="Don't know how to benchmark"):
         tfopt.bench.runners_for(tmp_path / "notes.txt")
+
+
+def test_interleaved_timing_rotates_the_order_of_the_callables():
+    # A fixed order would rank callables by what runs before them (benchmarks/README).
+    from tfopt.bench._timing import interleaved
+
+    order = []
+    fns = {k: (lambda k=k: order.append(k)) for k in "abc"}
+    samples = interleaved(fns, rounds=3, calls=2, warmup=1)
+    assert order == list("abc") + list("aabbcc") + list("bbccaa") + list("ccaabb")
+    assert {k: len(v) for k, v in samples.items()} == {"a": 6, "b": 6, "c": 6}
+    assert all(t >= 0 for v in samples.values() for t in v)

@@ -53,3 +53,29 @@ def measure(fn: Callable[[], object], *, warmup: int = 3, repeats: int = 20,
         p99=float(np.percentile(values, 99)),
         runs=len(samples),
     )
+
+
+def interleaved(fns: dict[str, Callable[[], object]], *, rounds: int, calls: int = 1,
+                warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each of ``fns``, timed side by side.
+
+    Each round times every callable ``calls`` times, so drift in the
+    machine's speed hits all of them alike. The order rotates from round to
+    round: on a 2-core machine the callable timed right after another runs
+    measurably slower or faster (cache, thread wake-up), by about 1% between
+    two INT8 MobileNetV2 files, which a fixed order turns into a ranking.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    keys = list(fns)
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            fn = fns[key]
+            for _ in range(calls):
+                start = time.perf_counter()
+                fn()
+                samples[key].append(time.perf_counter() - start)
+    return samples
