@@ -17,7 +17,7 @@ integer kernels (from its optimized graph), file sizes, and the cosine
 similarity of each INT8 file's logits with the Keras QAT model's.
 
 Usage: python benchmarks/cpu_int8.py [--models resnet50,mobilenetv2,efficientnetb0]
-       [--rounds-b1 30] [--rounds-b32 7] [--json benchmarks/results/cpu_int8.json]
+       [--rounds-b1 100] [--rounds-b32 9] [--json benchmarks/results/cpu_int8.json]
 """
 
 from __future__ import annotations
@@ -125,20 +125,31 @@ def prepare(name: str, workdir: Path) -> dict:
 
 
 def time_interleaved(paths: dict, batch: int, rounds: int) -> dict:
-    """Median seconds per call; every round times each file once, the order rotating."""
+    """Seconds per call of each file, per round; every round times each file once."""
     sessions = {k: session(p) for k, p in paths.items()}
     x = images(batch, seed=3)
     calls = {k: functools.partial(s.run, None, {s.get_inputs()[0].name: x})
              for k, s in sessions.items()}
-    samples = interleaved(calls, rounds=rounds)
-    return {k: statistics.median(v) for k, v in samples.items()}
+    return interleaved(calls, rounds=rounds)
+
+
+def paired_ratio(samples: dict, base: str, other: str) -> dict:
+    """``base`` time over ``other`` time, round by round: median and quartiles.
+
+    Each round times both files within milliseconds of each other, so the
+    machine's drift (runs of the same file here differ by 10-20% from one
+    process to the next) cancels in the ratio of a pair.
+    """
+    ratios = np.asarray(samples[base]) / np.asarray(samples[other])
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return {"median": float(median), "q1": float(q1), "q3": float(q3), "rounds": len(ratios)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="resnet50,mobilenetv2,efficientnetb0")
-    parser.add_argument("--rounds-b1", type=int, default=30)
-    parser.add_argument("--rounds-b32", type=int, default=7)
+    parser.add_argument("--rounds-b1", type=int, default=100)
+    parser.add_argument("--rounds-b32", type=int, default=9)
     parser.add_argument("--json", default="benchmarks/results/cpu_int8.json")
     args = parser.parse_args()
 
@@ -149,10 +160,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tfopt-cpu-int8-") as tmp:
         for name in args.models.split(","):
             prepared = prepare(name, Path(tmp))
-            timings = {batch: time_interleaved(prepared["paths"], batch, rounds)
+            samples = {batch: time_interleaved(prepared["paths"], batch, rounds)
                        for batch, rounds in ((1, args.rounds_b1), (32, args.rounds_b32))}
-            results["models"][name] = {"files": prepared["info"], "median_ms": {
-                str(b): {k: 1000 * v for k, v in t.items()} for b, t in timings.items()}}
+            results["models"][name] = {
+                "files": prepared["info"],
+                "median_ms": {str(b): {k: 1000 * statistics.median(v) for k, v in t.items()}
+                              for b, t in samples.items()},
+                # > 1: tfopt's default export is faster than ONNX Runtime's quantizer
+                "tfopt_vs_anchor": {str(b): paired_ratio(t, "ort quantize_static", "tfopt int8")
+                                    for b, t in samples.items()}}
             print_table(name, results["models"][name])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
@@ -171,6 +187,9 @@ def print_table(name: str, result: dict) -> None:
         cos = "" if info["cosine_vs_keras_qat"] is None else f"{info['cosine_vs_keras_qat']:.4f}"
         print(f"{key:<22}{cells[0]:>16}{cells[1]:>18}"
               f"{info['integer_ops']:>5}/{info['compute_ops']:<4}{info['size_mb']:>8.1f}{cos:>9}")
+    for batch, r in result["tfopt_vs_anchor"].items():
+        print(f"tfopt int8 speed over ort quantize_static, batch {batch}: {r['median']:.3f}x "
+              f"(median of {r['rounds']} paired rounds; quartiles {r['q1']:.3f}-{r['q3']:.3f})")
     print(flush=True)
 
 

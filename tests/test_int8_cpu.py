@@ -95,6 +95,17 @@ def padded_strided_swish():
     return keras.Model(inputs, head(x))
 
 
+def padded_stem():
+    """ResNet's stem: ZeroPadding2D on the NHWC input before a stride-2 convolution, and
+    on the ReLU output before a stride-2 max pooling."""
+    inputs = keras.Input((16, 16, 3), name="image")
+    x = layers.ZeroPadding2D(3)(inputs)
+    x = conv_bn(x, 8, "stem", kernel=7, activation="relu")
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.MaxPooling2D(3, strides=2)(x)
+    return keras.Model(inputs, head(x))
+
+
 def dense_mlp():
     inputs = keras.Input((16,), name="features")
     x = layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -110,6 +121,8 @@ RULES = {
     "concatenate": (concat, {"Concat"}, {"QLinearConcat", "QLinearConv"}),
     "padding folded, swish": (padded_strided_swish, {"Pad", "Sigmoid", "Mul"},
                               {"QLinearSigmoid", "QLinearMul", "QLinearConv"}),
+    # the Pads fold into the convolution and the max pooling, not left in float
+    "padded stem": (padded_stem, {"Pad", "DequantizeLinear"}, {"QLinearConv", "MaxPool"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
 }
 
@@ -185,6 +198,25 @@ def test_cpu_placement_saturates_where_qat_ranges_clip(make, tmp_path):
     session = ort.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     want = np.asarray(qat(x, training=False))
+    assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want))
+
+
+def test_zero_padding_of_a_signed_tensor_stays_before_max_pooling(tmp_path):
+    # Zero is not the least value of a tensor that can be negative: there, padding
+    # with zeros changes the maximum, so the Pad must stay.
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "c1")  # no activation: negative values
+    x = layers.ZeroPadding2D(1)(x)
+    x = layers.MaxPooling2D(3, strides=2)(x)
+    model = keras.Model(inputs, layers.Dense(4, name="logits")(layers.Flatten()(x)))
+    randomize_batchnorm(model)
+    x = -np.abs(np.random.default_rng(0).normal(size=(16, 8, 8, 3))).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    assert "Pad" in {n.op_type for n in onnx.load(str(result.paths["onnx"])).graph.node}
+    want = np.asarray(qat(x, training=False))
+    session = ort.InferenceSession(str(result.paths["onnx"]), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"image": x})[0]
     assert np.max(np.abs(got - want)) <= 0.05 * np.max(np.abs(want))
 
 
