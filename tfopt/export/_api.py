@@ -25,7 +25,8 @@ from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
 from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
-                                    relative_tolerances, rounding_noise, sizes, widened)
+                                    relative_tolerances, rounding_noise, run_graph, sizes,
+                                    widened)
 
 logger = logging.getLogger(__name__)
 
@@ -640,14 +641,18 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
         info["qdq_placement"] = plan.placement
         # The QAT graph as converted (TensorRT's placement) is Keras's own: it is held
         # to bounds in quantization steps, tight enough to refuse a scale off by 1%.
-        steps = _qdq_steps(proto, plan)
-        info["qdq_steps"] = steps["qdq_steps"]
         if plan.placement == "onnxruntime":
-            info["converted_errors"] = _check_converted(proto, steps, plan)
+            converted = run_graph(proto, dict(zip(plan.signature.input_names, plan.feed)))
+            steps = _qdq_steps(proto, plan, converted)
+            info["converted_errors"] = _check_converted(converted, steps, plan)
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
             # ORT's own roundings: the file is held to the relative int8 bound, no
             # tighter than the rounding noise the converted graph carries
+            info["qdq_steps"] = steps["qdq_steps"]
             steps = {"qdq_noise": steps["qdq_noise"]}
+        else:
+            steps = _qdq_steps(proto, plan)
+            info["qdq_steps"] = steps["qdq_steps"]
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
         info["io_dtypes"] = _onnx.io_dtypes(proto)
@@ -658,8 +663,9 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info, steps)
 
 
-def _check_converted(proto, steps: dict, plan) -> dict:
-    """Run the QAT graph as converted and compare it with Keras, in quantization steps.
+def _check_converted(actual: dict, steps: dict, plan) -> dict:
+    """Compare the QAT graph as converted (``actual``: its outputs on the feed) with
+    Keras, in quantization steps.
 
     ONNX Runtime's placement re-quantizes this graph with QAT's ranges and
     grids, and adds roundings of its own (BatchNorm folded, tensors QAT kept
@@ -667,16 +673,6 @@ def _check_converted(proto, steps: dict, plan) -> dict:
     can only be held to a relative bound. The conversion it starts from is
     checked here as tightly as TensorRT's placement is.
     """
-    import onnxruntime
-
-    from tfopt.artifacts._ort import default_session_options
-
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), default_session_options(),
-                                           providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    with third_party_quiet():
-        actual = dict(zip(names, session.run(
-            names, dict(zip(plan.signature.input_names, plan.feed)))))
     if plan.tolerance is None:
         limits = int8_tolerances(steps["qdq_steps"], plan.reference, steps["qdq_noise"])
     else:
@@ -686,10 +682,14 @@ def _check_converted(proto, steps: dict, plan) -> dict:
     return {k: e.as_dict() for k, e in errors.items()}
 
 
-def _qdq_steps(proto, plan) -> dict:
-    """What validation allows each output of this Q/DQ graph and of what is built from it."""
+def _qdq_steps(proto, plan, outputs=None) -> dict:
+    """What validation allows each output of this Q/DQ graph and of what is built from it.
+
+    ``outputs``: the graph's outputs on the export's feed, where already computed.
+    """
     return {"qdq_steps": quantization_steps(proto),
-            "qdq_noise": rounding_noise(proto, dict(zip(plan.signature.input_names, plan.feed)))}
+            "qdq_noise": rounding_noise(proto, dict(zip(plan.signature.input_names, plan.feed)),
+                                        outputs=outputs)}
 
 
 def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:

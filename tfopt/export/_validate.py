@@ -168,8 +168,21 @@ def widened(tolerances: Mapping[str, Tolerance], noise: Mapping[str, Mapping[str
     return result
 
 
-def rounding_noise(proto, feed: Mapping[str, np.ndarray],
-                   relative: float = 1e-5) -> dict[str, dict[str, float]]:
+def run_graph(proto, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every output of an in-memory ONNX graph on ``feed``, by ONNX Runtime's CPU provider."""
+    import onnxruntime
+
+    from tfopt.artifacts._ort import default_session_options
+
+    session = onnxruntime.InferenceSession(proto.SerializeToString(), default_session_options(),
+                                           providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feed))))
+
+
+def rounding_noise(proto, feed: Mapping[str, np.ndarray], relative: float = 1e-5,
+                   outputs: Optional[Mapping[str, np.ndarray]] = None
+                   ) -> dict[str, dict[str, float]]:
     """How far a Q/DQ graph's outputs move when its arithmetic rounds differently.
 
     The graph is run on ``feed`` with ONNX Runtime's CPU provider as it is,
@@ -179,19 +192,13 @@ def rounding_noise(proto, feed: Mapping[str, np.ndarray],
     another engine's order of arithmetic does, and lets the graph carry
     those flips to its outputs.
 
+    ``outputs``: the graph's outputs on ``feed`` (:func:`run_graph`), where
+    the caller has them already; else the graph is run here.
+
     Returns:
         ``{output: {"max_abs", "mean_abs"}}`` of the difference between the runs.
     """
-    import onnxruntime
     from onnx import TensorProto, numpy_helper
-
-    def run(model):
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        session = onnxruntime.InferenceSession(model.SerializeToString(), options,
-                                               providers=["CPUExecutionProvider"])
-        names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(names, dict(feed))))
 
     moved = type(proto)()
     moved.CopyFrom(proto)
@@ -203,7 +210,8 @@ def rounding_noise(proto, feed: Mapping[str, np.ndarray],
         scale = numpy_helper.to_array(initializers[name])
         initializers[name].CopyFrom(numpy_helper.from_array(
             (scale * (1 + relative)).astype(scale.dtype), name))
-    before, after = run(proto), run(moved)
+    before = run_graph(proto, feed) if outputs is None else outputs
+    after = run_graph(moved, feed)
     result = {}
     for name, value in before.items():
         diff = np.abs(np.asarray(after[name], np.float64) - np.asarray(value, np.float64))
