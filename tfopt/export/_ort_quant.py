@@ -209,6 +209,33 @@ def dequantize(proto) -> QatGraph:
                     {k: frozenset(v) for k, v in rounded_readers.items()})
 
 
+class _GraphIndex:
+    """Who makes and who reads each tensor of a graph, taken once before a rewrite."""
+
+    def __init__(self, graph):
+        self.initializers = {i.name: i for i in graph.initializer}
+        self.producers = {o: n for n in graph.node for o in n.output}
+        self.readers = collections.Counter(i for n in graph.node for i in n.input)
+        self.outputs = {o.name for o in graph.output}
+
+    def lone_constant_pad(self, name: str):
+        """The Pad that makes ``name``, with its pads, if moving or folding it is safe.
+
+        That is: constant mode, pads an initializer over every axis (no
+        ``axes`` input), and its output read by one node only and not a graph
+        output. Else ``None``.
+        """
+        from onnx import numpy_helper
+
+        pad = self.producers.get(name)
+        if pad is None or pad.op_type != "Pad" or len(pad.input) < 2 \
+                or pad.input[1] not in self.initializers or (len(pad.input) > 3 and pad.input[3]) \
+                or self.readers[pad.output[0]] != 1 or pad.output[0] in self.outputs \
+                or any(a.name == "mode" and a.s not in (b"", b"constant") for a in pad.attribute):
+            return None
+        return pad, numpy_helper.to_array(self.initializers[pad.input[1]]).astype(np.int64)
+
+
 def _transpose_before_pad(graph, ranges: dict[str, float]) -> None:
     """``Pad -> Transpose`` becomes ``Transpose -> Pad``, so the Pad can fold into a Conv.
 
@@ -221,20 +248,14 @@ def _transpose_before_pad(graph, ranges: dict[str, float]) -> None:
     """
     from onnx import helper, numpy_helper
 
-    initializers = {i.name: i for i in graph.initializer}
-    consumers = collections.Counter(i for n in graph.node for i in n.input)
-    outputs = {o.name for o in graph.output}
-    producers = {o: n for n in graph.node for o in n.output}
+    index = _GraphIndex(graph)
     nodes = list(graph.node)
     for transpose in [n for n in nodes if n.op_type == "Transpose"]:
-        pad = producers.get(transpose.input[0])
-        if pad is None or pad.op_type != "Pad" or len(pad.input) < 2 \
-                or pad.input[1] not in initializers or (len(pad.input) > 3 and pad.input[3]) \
-                or consumers[pad.output[0]] != 1 or pad.output[0] in outputs \
-                or any(a.name == "mode" and a.s not in (b"", b"constant") for a in pad.attribute):
+        found = index.lone_constant_pad(transpose.input[0])
+        if found is None:
             continue
+        pad, pads = found
         perm = next(list(a.ints) for a in transpose.attribute if a.name == "perm")
-        pads = numpy_helper.to_array(initializers[pad.input[1]]).astype(np.int64)
         rank = len(perm)
         moved = np.concatenate([pads[:rank][perm], pads[rank:][perm]])
         pads_name = f"{pad.input[1]}_tfopt_transposed"
@@ -269,30 +290,26 @@ def _pad_into_max_pool(graph, ranges: dict[str, float]) -> None:
     """
     from onnx import helper, numpy_helper
 
-    initializers = {i.name: i for i in graph.initializer}
-    consumers = collections.Counter(i for n in graph.node for i in n.input)
-    producers = {o: n for n in graph.node for o in n.output}
-    outputs = {o.name for o in graph.output}
+    index = _GraphIndex(graph)
 
     def zero(name):
-        return name in initializers and not numpy_helper.to_array(initializers[name]).any()
+        return name in index.initializers \
+            and not numpy_helper.to_array(index.initializers[name]).any()
 
     nodes = list(graph.node)
     for pool in [n for n in nodes if n.op_type == "MaxPool" and len(n.output) == 1]:
-        pad = producers.get(pool.input[0])
-        if pad is None or pad.op_type != "Pad" or pad.input[1] not in initializers \
-                or (len(pad.input) > 2 and pad.input[2] and not zero(pad.input[2])) \
-                or (len(pad.input) > 3 and pad.input[3]) \
-                or consumers[pad.output[0]] != 1 or pad.output[0] in outputs \
-                or any(a.name == "mode" and a.s not in (b"", b"constant") for a in pad.attribute):
+        found = index.lone_constant_pad(pool.input[0])
+        if found is None:
             continue
-        source = producers.get(pad.input[0])
+        pad, pads = found
+        if len(pad.input) > 2 and pad.input[2] and not zero(pad.input[2]):
+            continue  # pads with a value other than zero
+        source = index.producers.get(pad.input[0])
         if source is None or source.op_type != "Relu":
             continue
         attrs = {a.name: helper.get_attribute_value(a) for a in pool.attribute}
         kernel = list(attrs["kernel_shape"])
         rank = len(kernel) + 2
-        pads = numpy_helper.to_array(initializers[pad.input[1]]).astype(np.int64)
         begin, end = pads[:rank], pads[rank:]
         if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID") \
                 or attrs.get("ceil_mode", 0) or begin[:2].any() or end[:2].any() \
