@@ -205,6 +205,38 @@ def test_a_normalization_layers_constants_do_not_become_onnx_inputs(tmp_path):
     assert result.errors["onnx"]["out"]["max_rel"] <= 1e-4
 
 
+def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path, monkeypatch):
+    """Each tf2onnx pass deep-copies the graph; the dropped copies must not pile up."""
+    from tf2onnx import optimizer
+
+    original = dict(optimizer._optimizers)
+    passes, collections = [], []
+
+    def recording(name, factory):
+        def make():
+            passes.append((name, len(collections)))
+            return factory()
+        return make
+
+    monkeypatch.setattr(optimizer, "_optimizers",
+                        type(optimizer._optimizers)((k, recording(k, f)) for k, f in original.items()))
+    recorded = dict(optimizer._optimizers)
+    monkeypatch.setattr(_onnx.gc, "collect", lambda: collections.append(1))
+
+    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    tfopt.export(model, tmp_path / "ok", formats=("onnx",),
+                 validation_data=np.ones((2, 4), "float32"))
+    assert passes, "tf2onnx ran no optimizer pass"
+    # A collection precedes every pass: the pass k-th in line saw at least k collections.
+    assert all(seen >= k for k, (_, seen) in enumerate(passes, 1))
+    assert dict(optimizer._optimizers) == recorded
+
+    with pytest.raises(RuntimeError, match="mid-conversion"):
+        with _onnx._collecting_between_optimizer_passes():
+            raise RuntimeError("mid-conversion")
+    assert dict(optimizer._optimizers) == recorded
+
+
 def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                            classes=10)
