@@ -222,6 +222,7 @@ def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path,
                         type(optimizer._optimizers)((k, recording(k, f)) for k, f in original.items()))
     recorded = dict(optimizer._optimizers)
     monkeypatch.setattr(_onnx.gc, "collect", lambda: collections.append(1))
+    monkeypatch.setattr(_onnx, "_LARGE", 0)  # collect for this tiny graph too
 
     model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
     tfopt.export(model, tmp_path / "ok", formats=("onnx",),

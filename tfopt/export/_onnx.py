@@ -16,7 +16,8 @@
   collector runs, and that collector counts objects, not bytes: a large
   model piled up one dropped copy per pass (ResNet50V2 peaked at 7.2 GB,
   ResNet101V2 at 12.7 GB). Collecting before each pass keeps the peak near
-  the size of the graph itself (ResNet50V2: 3.2 GB).
+  the size of the graph itself (ResNet50V2: 3.2 GB). Only graphs with more than
+  32 MB of constants pay for the collections.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     output_names = [t.name for t in frozen.outputs]
     graph_def = _inlinable(frozen.graph.as_graph_def())
     del frozen  # its graph holds a copy of every weight
-    with _collecting_between_optimizer_passes():
+    collecting = (_collecting_between_optimizer_passes() if _constant_bytes(graph_def) >= _LARGE
+                  else contextlib.nullcontext())
+    with collecting:
         proto, _ = tf2onnx.convert.from_graph_def(
             graph_def, input_names=input_names, output_names=output_names,
             opset=opset)
@@ -90,6 +93,17 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
+
+
+# Above this many bytes of constants, the graph copies tf2onnx drops are collected
+# before each pass. Below it they cost little memory, and a full collection in a
+# process that holds many objects (a test session) costs more time than it saves.
+_LARGE = 32 * 2**20
+
+
+def _constant_bytes(graph_def) -> int:
+    return sum(len(node.attr["value"].tensor.tensor_content)
+               for node in graph_def.node if node.op == "Const")
 
 
 class _CollectFirst:
