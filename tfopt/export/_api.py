@@ -641,18 +641,18 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
         info["qdq_placement"] = plan.placement
         # The QAT graph as converted (TensorRT's placement) is Keras's own: it is held
         # to bounds in quantization steps, tight enough to refuse a scale off by 1%.
+        # ONNX Runtime's placement checks the converted graph itself, so it is run once
+        # for both the check and the rounding noise.
+        converted = (run_graph(proto, dict(zip(plan.signature.input_names, plan.feed)))
+                     if plan.placement == "onnxruntime" else None)
+        steps = _qdq_steps(proto, plan, converted)
+        info["qdq_steps"] = steps["qdq_steps"]
         if plan.placement == "onnxruntime":
-            converted = run_graph(proto, dict(zip(plan.signature.input_names, plan.feed)))
-            steps = _qdq_steps(proto, plan, converted)
             info["converted_errors"] = _check_converted(converted, steps, plan)
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
             # ORT's own roundings: the file is held to the relative int8 bound, no
             # tighter than the rounding noise the converted graph carries
-            info["qdq_steps"] = steps["qdq_steps"]
             steps = {"qdq_noise": steps["qdq_noise"]}
-        else:
-            steps = _qdq_steps(proto, plan)
-            info["qdq_steps"] = steps["qdq_steps"]
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
         info["io_dtypes"] = _onnx.io_dtypes(proto)
