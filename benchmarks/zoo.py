@@ -292,8 +292,15 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
     first = ({k: v[:4] for k, v in x.items()} if isinstance(x, dict) else x[:4])
     second = ({k: v[4:] for k, v in x.items()} if isinstance(x, dict) else x[4:])
 
+    # Each model is dropped once the next one is made from it: the largest rows
+    # (ConvNeXtLarge, 198M parameters) need the memory for their exports.
+    state["model"] = model
+    del model
+
     def prune_fit():
+        model = state.pop("model")
         pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, begin_step=0, frequency=1))
+        del model
         pruned.compile(optimizer=_optimizer(), loss=loss)
         pruned.fit(x, y, batch_size=4, epochs=1, verbose=0,
                    callbacks=[tfopt.callbacks.PruningStep()])
@@ -306,6 +313,7 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
         state["plain"] = plain
         err = _max_abs(state["pruned"](first, training=False), plain(first, training=False))
         state["float_out"] = plain(first, training=False)
+        del state["pruned"]
         values = list(tfopt.sparsity(plain).values())
         return f"sparsity {np.mean(values):.2f}, err {err:.2g}"
 
