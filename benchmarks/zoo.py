@@ -520,8 +520,10 @@ def write_table(rows: dict) -> None:
         "`tfopt.prune(ConstantSparsity(0.5))` and one `fit()` epoch (2 steps of 4), "
         "`tfopt.strip`, `tfopt.quantize(calibration_data=...)`, one QAT `fit()` epoch, "
         "`tfopt.export` of the stripped model to SavedModel and ONNX FP32 and of the QAT "
-        "model to ONNX INT8 (each validated by export itself: its max abs error is the "
-        "cell), and last a check of both ONNX files with ONNX Runtime on a batch the "
+        "model to ONNX INT8 and OpenVINO (each validated by export itself: its max abs "
+        "error is the cell; OpenVINO's file is converted from the ONNX one, and rows run "
+        "since EfficientNetV2M ask for both in one export, earlier rows converted twice), "
+        "and last a check of both ONNX files with ONNX Runtime on a batch the "
         "exports never saw. `rel` is the error over the largest output magnitude.",
         "",
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras-hub {hub_version}, "
