@@ -522,7 +522,7 @@ def write_table(rows: dict) -> None:
         "`tfopt.export` of the stripped model to SavedModel and ONNX FP32 and of the QAT "
         "model to ONNX INT8 and OpenVINO (each validated by export itself: its max abs "
         "error is the cell; OpenVINO's file is converted from the ONNX one, and rows run "
-        "since EfficientNetV2M ask for both in one export, earlier rows converted twice), "
+        "since EfficientNetB7 ask for both in one export, earlier rows converted twice), "
         "and last a check of both ONNX files with ONNX Runtime on a batch the "
         "exports never saw. `rel` is the error over the largest output magnitude.",
         "",
