@@ -23,6 +23,7 @@ crash or out-of-memory kill costs one row) and its row is cached in
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -301,6 +302,7 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
         model = state.pop("model")
         pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, begin_step=0, frequency=1))
         del model
+        gc.collect()  # a Keras model is a web of reference cycles
         pruned.compile(optimizer=_optimizer(), loss=loss)
         pruned.fit(x, y, batch_size=4, epochs=1, verbose=0,
                    callbacks=[tfopt.callbacks.PruningStep()])
@@ -314,6 +316,7 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
         err = _max_abs(state["pruned"](first, training=False), plain(first, training=False))
         state["float_out"] = plain(first, training=False)
         del state["pruned"]
+        gc.collect()
         values = list(tfopt.sparsity(plain).values())
         return f"sparsity {np.mean(values):.2f}, err {err:.2g}"
 

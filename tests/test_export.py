@@ -238,6 +238,52 @@ def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path,
     assert dict(optimizer._optimizers) == recorded
 
 
+def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tensorflow(
+        tmp_path, monkeypatch):
+    """tfopt runs tf2onnx's from_graph_def stage by stage, so that fewer copies of the
+    weights are alive at once: TensorFlow imports the graph without them, and the
+    ONNX graph is the one from_graph_def itself gives."""
+    import tensorflow as tf
+    import tf2onnx
+    from onnx import numpy_helper
+
+    model = keras.Sequential([keras.Input((16,)), layers.Dense(300, activation="gelu"),
+                              layers.Dense(3)])
+    calls = []
+    convert = _onnx.convert
+    monkeypatch.setattr(_onnx, "convert", lambda serve, signature, **kw: (
+        calls.append((serve, signature, kw)), convert(serve, signature, **kw))[1])
+    tfopt.export(model, tmp_path / "ok", formats=("onnx",),
+                 validation_data=np.ones((2, 16), "float32"))
+    serve, signature, kw = calls[0]
+
+    largest_imported = []
+    import_graph_def = tf.import_graph_def
+
+    def recording_import(graph_def, *args, **kwargs):
+        largest_imported.append(max(len(n.attr["value"].tensor.tensor_content)
+                                    for n in graph_def.node if n.op == "Const"))
+        return import_graph_def(graph_def, *args, **kwargs)
+
+    monkeypatch.setattr(tf, "import_graph_def", recording_import)
+    ours = convert(serve, signature, **kw)
+    assert largest_imported and max(largest_imported) <= 1000  # the 16x300 kernel: 19200 bytes
+
+    def upstream(graph_defs, input_names, output_names, opset):
+        return tf2onnx.convert.from_graph_def(graph_defs.pop(), input_names=input_names,
+                                              output_names=output_names, opset=opset)[0]
+
+    monkeypatch.setattr(_onnx, "_from_graph_def", upstream)
+    theirs = convert(serve, signature, **kw)
+
+    def content(proto):
+        return ([n.op_type for n in proto.graph.node],
+                sorted(numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer),
+                [o.name for o in proto.graph.output])
+
+    assert content(ours) == content(theirs)
+
+
 def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                            classes=10)

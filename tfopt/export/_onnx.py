@@ -18,6 +18,11 @@
   ResNet101V2 at 12.7 GB). Collecting before each pass keeps the peak near
   the size of the graph itself (ResNet50V2: 3.2 GB). Only graphs with more than
   32 MB of constants pay for the collections.
+* tf2onnx's ``from_graph_def`` holds several more copies of the weights to
+  the end of the conversion (the GraphDef it was given, and TensorFlow
+  graphs imported with their weights). tfopt runs its stages itself
+  (:func:`_from_graph_def`), the same stages with the same arguments, so a
+  test holds it to from_graph_def's own output.
 """
 
 from __future__ import annotations
@@ -67,7 +72,6 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     and variance, say) into extra graph inputs.
     """
     _require("tf2onnx")
-    import tf2onnx
     from tensorflow.python.framework.convert_to_constants import (
         convert_variables_to_constants_v2,
     )
@@ -77,14 +81,9 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     frozen = convert_variables_to_constants_v2(concrete)
     input_names = [t.name for t in frozen.inputs]
     output_names = [t.name for t in frozen.outputs]
-    graph_def = _inlinable(frozen.graph.as_graph_def())
+    graph_defs = [_inlinable(frozen.graph.as_graph_def())]
     del frozen  # its graph holds a copy of every weight
-    collecting = (_collecting_between_optimizer_passes() if _constant_bytes(graph_def) >= _LARGE
-                  else contextlib.nullcontext())
-    with collecting:
-        proto, _ = tf2onnx.convert.from_graph_def(
-            graph_def, input_names=input_names, output_names=output_names,
-            opset=opset)
+    proto = _from_graph_def(graph_defs, input_names, output_names, opset)
     _replace_erfc(proto)
     keys = tf.nest.flatten({k: k for k in structured_outputs})
     _rename_io(proto, dict(zip(input_names, signature.input_names)),
@@ -93,6 +92,41 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
+
+
+def _from_graph_def(graph_defs: list, input_names, output_names, opset: int):
+    """tf2onnx's ``convert.from_graph_def``, step by step, holding fewer copies of the weights.
+
+    The same stages with the same arguments (grappler, TensorFlow import,
+    ``process_tf_graph``, the optimizer passes, ``make_model``), but:
+
+    * the frozen GraphDef (``graph_defs``, a one-element list this function
+      empties, so the caller holds no reference) is dropped once grappler has
+      optimized it;
+    * the weights are taken out of the optimized GraphDef before TensorFlow
+      imports it (tf2onnx's ``compress_graph_def``, from its large-model
+      path) and handed to ``process_tf_graph`` beside it, so the imported
+      TensorFlow graph holds no copy of them;
+    * ``from_graph_def`` also imports the graph once more to freeze a graph
+      that is frozen already, and holds that graph to the end: skipped.
+    """
+    from tf2onnx import optimizer, tf_loader, tf_utils
+    from tf2onnx.tfonnx import process_tf_graph
+
+    with tf.device("/cpu:0"), tf.Graph().as_default():  # grappler runs in graph mode
+        optimized = tf_loader.tf_optimize(input_names, output_names, graph_defs.pop())
+    large = _constant_bytes(optimized) >= _LARGE
+    values = tf_utils.compress_graph_def(optimized)
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(optimized, name="")
+        del optimized
+        graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset,
+                                 input_names=input_names, output_names=output_names,
+                                 const_node_values=values)
+        del values
+        with _collecting_between_optimizer_passes() if large else contextlib.nullcontext():
+            graph = optimizer.optimize_graph(graph, catch_errors=True)
+        return graph.make_model("converted from unknown")
 
 
 # Above this many bytes of constants, the graph copies tf2onnx drops are collected
