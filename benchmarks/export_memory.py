@@ -37,8 +37,9 @@ STAGES = [
     (" plan (trace, Keras reference outputs)", "tfopt.export._api", "_plan"),
     (" SavedModel", "tfopt.export._api", "_BUILDERS[saved_model]"),
     (" ONNX", "tfopt.export._api", "_BUILDERS[onnx]"),
-    ("  freeze (convert_variables_to_constants_v2)",
-     "tensorflow.python.framework.convert_to_constants", "convert_variables_to_constants_v2"),
+    ("  freeze", "tfopt.export._onnx", "_frozen_graph_def"),
+    ("  freeze", "tensorflow.python.framework.convert_to_constants",
+     "convert_variables_to_constants_v2"),  # tfopt before 2026-11-26
     ("  tf2onnx conversion", "tfopt.export._onnx", "_from_graph_def"),
     ("  tf2onnx conversion", "tf2onnx.convert", "from_graph_def"),  # tfopt before 2026-11-26
     ("   tf2onnx freeze_session", "tf2onnx.tf_loader", "freeze_session"),
@@ -158,10 +159,14 @@ def main(argv=None) -> int:
         with recorder.stage("fit() one epoch (2 steps of 4)"):
             model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
             model.fit(x, np.arange(len(x)) % 10, batch_size=4, epochs=1, verbose=0)
+    failure = None
     with tempfile.TemporaryDirectory(prefix="tfopt-export-memory-") as tmp:
-        with recorder.stage("tfopt.export"):
-            tfopt.export(model, Path(tmp) / "out", formats=tuple(args.formats.split(",")),
-                         validation_data=x[:4])
+        try:
+            with recorder.stage("tfopt.export"):
+                tfopt.export(model, Path(tmp) / "out", formats=tuple(args.formats.split(",")),
+                             validation_data=x[:4])
+        except tfopt.errors.TfoptError as exc:  # the stages up to it were measured
+            failure = exc
 
     print(f"{args.model} at {args.input}x{args.input}, {'QAT' if args.int8 else 'float'}, "
           f"formats {args.formats}; float32 weights {weight_gb:.3f} GB")
@@ -170,6 +175,8 @@ def main(argv=None) -> int:
     for label, row in recorder.rows.items():
         print(f"{label:48s} {row['calls']:5d} {row['peak']:8.2f} {row['peak'] / weight_gb:9.1f} "
               f"{row['after']:8.2f} {row['seconds']:8.1f}")
+    if failure is not None:
+        print(f"the export failed, in the last stage above: {failure}")
     if missing:
         print(f"not measured (not present in this install): {', '.join(missing)}")
     return 0

@@ -240,9 +240,9 @@ def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path,
 
 def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tensorflow(
         tmp_path, monkeypatch):
-    """tfopt runs tf2onnx's from_graph_def stage by stage, so that fewer copies of the
-    weights are alive at once: TensorFlow imports the graph without them, and the
-    ONNX graph is the one from_graph_def itself gives."""
+    """tfopt freezes and runs tf2onnx's from_graph_def stage by stage, so that fewer
+    copies of the weights are alive at once: TensorFlow imports the graph without
+    them, and the ONNX graph is the one TensorFlow's and tf2onnx's own functions give."""
     import tensorflow as tf
     import tf2onnx
     from onnx import numpy_helper
@@ -276,12 +276,22 @@ def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tenso
     monkeypatch.setattr(_onnx, "_from_graph_def", upstream)
     theirs = convert(serve, signature, **kw)
 
-    def content(proto):
-        return ([n.op_type for n in proto.graph.node],
-                sorted(numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer),
-                [o.name for o in proto.graph.output])
+    def public_freeze(concrete):  # TensorFlow's public function, which tfopt bypasses
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2)
+        frozen = convert_variables_to_constants_v2(concrete)
+        return (frozen.graph.as_graph_def(), [t.name for t in frozen.inputs],
+                [t.name for t in frozen.outputs])
 
-    assert content(ours) == content(theirs)
+    monkeypatch.setattr(_onnx, "_frozen_graph_def", public_freeze)
+    upstream_only = convert(serve, signature, **kw)
+
+    def content(proto):
+        return (sorted(n.op_type for n in proto.graph.node),
+                sorted(numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer),
+                [i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+
+    assert content(ours) == content(theirs) == content(upstream_only)
 
 
 def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):
