@@ -28,7 +28,8 @@ bench: $(STAMP)
 # Every keras.applications architecture and six keras-hub backbones through
 # prune -> strip -> QAT -> export -> validation; writes docs/support.md. Rows
 # are cached in benchmarks/results/zoo.json: rerun to continue where it stopped
-# (about an hour on 2 CPU cores from scratch).
+# (about 5 hours on 2 CPU cores from scratch: the 38 smaller rows take 3.2 h,
+# the 8 largest 10-25 minutes each).
 zoo: $(STAMP)
 	TF_CPP_MIN_LOG_LEVEL=2 $(PY) benchmarks/zoo.py --resume
 
