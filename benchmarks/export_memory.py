@@ -37,7 +37,7 @@ STAGES = [
     (" plan (trace, Keras reference outputs)", "tfopt.export._api", "_plan"),
     (" SavedModel", "tfopt.export._api", "_BUILDERS[saved_model]"),
     (" ONNX", "tfopt.export._api", "_BUILDERS[onnx]"),
-    ("  freeze", "tfopt.export._onnx", "_frozen_graph_def"),
+    ("  freeze", "tfopt.export._saved_model", "frozen_graph_def"),
     ("  freeze", "tensorflow.python.framework.convert_to_constants",
      "convert_variables_to_constants_v2"),  # tfopt before 2026-11-26
     ("  tf2onnx conversion", "tfopt.export._onnx", "_from_graph_def"),

@@ -372,7 +372,7 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
                                       formats=("onnx", "openvino"), validation_data=first)
                 state["openvino_export"] = result
             except Exception:  # noqa: BLE001 - retried below, reported by the steps
-                result = None
+                pass
         if result is None:
             result = tfopt.export(state["qat"], workdir / "int8", formats=("onnx",),
                                   validation_data=first)

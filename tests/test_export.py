@@ -283,7 +283,7 @@ def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tenso
         return (frozen.graph.as_graph_def(), [t.name for t in frozen.inputs],
                 [t.name for t in frozen.outputs])
 
-    monkeypatch.setattr(_onnx, "_frozen_graph_def", public_freeze)
+    monkeypatch.setattr(_onnx._saved_model, "frozen_graph_def", public_freeze)
     upstream_only = convert(serve, signature, **kw)
 
     def content(proto):

@@ -23,7 +23,7 @@
   registers a function that keeps one for the life of the process, and
   from_graph_def keeps the GraphDef it was given and TensorFlow graphs
   imported with their weights to its end. tfopt calls their stages itself
-  (:func:`_frozen_graph_def`, :func:`_from_graph_def`); a test holds the
+  (``_saved_model.frozen_graph_def``, :func:`_from_graph_def`); a test holds the
   result to what the public functions give. Measured with
   ``benchmarks/export_memory.py --model ConvNeXtBase``: the export's peak went
   from 7.8 to 5.2 GB (float) and from 15.2 to 9.9 GB (QAT); what is left is
@@ -42,6 +42,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from tfopt.errors import BackendUnavailableError, ExportValidationError
+from tfopt.export import _saved_model
 from tfopt.export._signature import ModelSignature
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     _require("tf2onnx")
     concrete = serve.get_concrete_function()
     structured_outputs = concrete.structured_outputs
-    graph_def, input_names, output_names = _frozen_graph_def(concrete)
+    graph_def, input_names, output_names = _saved_model.frozen_graph_def(concrete)
     graph_defs = [_inlinable(graph_def)]
     del graph_def, concrete
     proto = _from_graph_def(graph_defs, input_names, output_names, opset)
@@ -91,32 +92,6 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
         store_weights_as_int8(proto)
         check_weight_qdq(proto)
     return proto
-
-
-def _frozen_graph_def(concrete):
-    """``convert_variables_to_constants_v2``'s GraphDef and I/O names, without its function.
-
-    TensorFlow's public function wraps the frozen GraphDef in a new
-    ConcreteFunction, registered in the eager context with a copy of every
-    weight; measured on ConvNeXtBase, resident memory stayed 9x the weights
-    above where it started. Only the GraphDef is needed here, so the stage
-    that makes it is called directly, and the public function is the
-    fallback should TensorFlow move that stage.
-    """
-    from tensorflow.python.framework import convert_to_constants as c2c
-
-    stage = getattr(c2c, "_replace_variables_by_constants", None)
-    data = getattr(c2c, "_FunctionConverterDataInEager", None)
-    if stage is None or data is None:
-        frozen = c2c.convert_variables_to_constants_v2(concrete)
-        return (frozen.graph.as_graph_def(), [t.name for t in frozen.inputs],
-                [t.name for t in frozen.outputs])
-    graph_def, converted = stage(converter_data=data(
-        func=concrete, lower_control_flow=True, aggressive_inlining=False))
-    captures = concrete.graph.internal_captures
-    constant = {id(captures[i]) for i in converted}
-    return (graph_def, [t.name for t in concrete.inputs if id(t) not in constant],
-            [t.name for t in concrete.outputs])
 
 
 def _from_graph_def(graph_defs: list, input_names, output_names, opset: int):
