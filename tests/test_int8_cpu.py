@@ -106,6 +106,26 @@ def padded_stem():
     return keras.Model(inputs, head(x))
 
 
+def hard_swish(x):
+    """MobileNetV3's, written as it is there: tensor arithmetic, not a layer."""
+    return layers.Multiply()([x, layers.ReLU(6.0)(x + 3.0) * (1.0 / 6.0)])
+
+
+def squeeze_excite_hard_swish():
+    """MobileNetV3's block: 1x1 expansion, hard swish, depthwise, squeeze-and-excite with a
+    hard sigmoid gate (``x + 3.0``, a 0-d constant), 1x1 projection."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 16, "expand", kernel=1, activation=hard_swish)
+    x = layers.DepthwiseConv2D(3, padding="same", use_bias=False, name="dw")(x)
+    x = hard_swish(layers.BatchNormalization(name="dw_bn")(x))
+    gate = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    gate = layers.Conv2D(8, 1, activation="relu", name="se_reduce")(gate)
+    gate = layers.Conv2D(16, 1, name="se_expand")(gate)
+    x = layers.Multiply()([x, layers.ReLU(6.0)(gate + 3.0) * (1.0 / 6.0)])
+    x = conv_bn(x, 8, "project", kernel=1)
+    return keras.Model(inputs, head(x))
+
+
 def dense_mlp():
     inputs = keras.Input((16,), name="features")
     x = layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -124,6 +144,9 @@ RULES = {
     # the Pads fold into the convolution and the max pooling, not left in float
     "padded stem": (padded_stem, {"Pad", "DequantizeLinear"}, {"QLinearConv", "MaxPool"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
+    # the hard swish and the gate run between integer kernels, so every convolution does
+    "hard swish, squeeze-and-excite": (squeeze_excite_hard_swish, {"Relu", "Clip"},
+                                       {"QLinearConv", "QLinearMul"}),
 }
 
 

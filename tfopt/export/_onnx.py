@@ -39,6 +39,7 @@ import re
 import warnings
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from tfopt.errors import BackendUnavailableError, ExportValidationError
@@ -124,9 +125,76 @@ def _from_graph_def(graph_defs: list, input_names, output_names, opset: int):
                                  input_names=input_names, output_names=output_names,
                                  const_node_values=values)
         del values
+        _scalar_addends_to_rank1(graph)
         with _collecting_between_optimizer_passes() if large else contextlib.nullcontext():
             graph = optimizer.optimize_graph(graph, catch_errors=True)
+        _full_size_conv_biases(graph)
         return graph.make_model("converted from unknown")
+
+
+def _scalar_addends_to_rank1(graph) -> None:
+    """Give each 0-d constant added to a tensor of rank >= 1 the shape ``[1]``.
+
+    tf2onnx's TransposeOptimizer, pushing an NCHW->NHWC Transpose past
+    ``Conv -> Transpose -> Add(constant)`` to fold the constant into the Conv's
+    bias, takes ``max()`` of the constant's shape: a 0-d constant (hard-sigmoid's
+    ``x + 3.0`` in MobileNetV3) raises, and tf2onnx rolls the **whole** pass
+    back. Every convolution then keeps its transposes, and a QAT graph's
+    trained ranges sit on tensors ONNX Runtime's pre-processing folds away, so
+    none of MobileNetV3's convolutions ran as an integer kernel. Broadcasting
+    gives the same result with ``[1]`` for any input of rank 1 or more; the
+    optimizer may then fold it into a Conv's bias (:func:`_full_size_conv_biases`).
+    """
+    for node in graph.get_nodes():
+        if node.type != "Add" or len(node.input) != 2:
+            continue
+        constant = node.inputs[1]
+        if constant is None or not constant.is_const():
+            continue
+        value = constant.get_tensor_value(as_list=False)
+        rank = graph.get_rank(node.input[0])
+        if value.ndim != 0 or rank is None or rank < 1:
+            continue
+        if len(graph.find_output_consumers(constant.output[0])) > 1:
+            constant = graph.copy_const(constant)
+            graph.replace_input(node, node.input[1], constant.output[0], 1)
+        constant.set_tensor_value(value.reshape([1]))
+
+
+def _full_size_conv_biases(graph) -> None:
+    """Widen a one-element Conv bias to the Conv's output channels.
+
+    The TransposeOptimizer folds ``Add(constant of size 1)`` into a
+    convolution's bias when it takes the weights to have one output channel:
+    it reads that from the shape recorded on the weights' producer, which for
+    a QAT graph's ``DequantizeLinear`` is still TensorFlow's HWIO layout, so a
+    1x1 kernel looks like one channel. ONNX requires a bias of exactly M
+    values; adding one value to every channel is the same sum.
+    """
+    for node in graph.get_nodes():
+        if node.type not in ("Conv", "ConvTranspose") or len(node.input) != 3:
+            continue
+        bias = node.inputs[2]
+        if bias is None or not bias.is_const():
+            continue
+        value = bias.get_tensor_value(as_list=False)
+        if value.size != 1:
+            continue
+        weights = node.inputs[1]
+        while weights is not None and weights.type in ("DequantizeLinear", "QuantizeLinear"):
+            weights = weights.inputs[0]  # QAT: weights are DQ(Q(constant)) at this stage
+        if weights is None or not weights.is_const():
+            raise ExportValidationError(
+                f"tf2onnx folded a one-value bias into {node.name!r} and its weights are not a "
+                "constant, so their output channels are unknown; please report this model.")
+        shape = weights.get_tensor_value(as_list=False).shape
+        channels = shape[0] if node.type == "Conv" else shape[1] * (node.get_attr_value("group") or 1)
+        if channels == 1:
+            continue
+        if len(graph.find_output_consumers(bias.output[0])) > 1:
+            bias = graph.copy_const(bias)
+            graph.replace_input(node, node.input[2], bias.output[0], 2)
+        bias.set_tensor_value(np.full([channels], value.reshape(()), dtype=value.dtype))
 
 
 # Above this many bytes of constants, the graph copies tf2onnx drops are collected

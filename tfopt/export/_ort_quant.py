@@ -64,6 +64,10 @@ _LAYOUT = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
 # run them on int8 data when their input and output share one scale and zero point.
 _VALUE_PRESERVING = _LAYOUT | {"Pad", "MaxPool"}
 
+# One-input ops that keep a value within the range of what feeds them, or squash
+# it: between two integer kernels, ONNX Runtime runs them on uint8 data too.
+_UNARY_BETWEEN_KERNELS = {"Relu", "Clip", "Sigmoid", "GlobalAveragePool", "AveragePool"}
+
 # Ops ONNX Runtime's quantizer may turn into integer kernels here. LayerNormalization,
 # Softmax, Gather (embeddings) and the like stay in float, as in the QAT model.
 _QUANTIZABLE_OPS = [
@@ -250,6 +254,7 @@ def _transpose_before_pad(graph, ranges: dict[str, float]) -> None:
 
     index = _GraphIndex(graph)
     nodes = list(graph.node)
+    written = {i.name for i in graph.initializer}
     for transpose in [n for n in nodes if n.op_type == "Transpose"]:
         found = index.lone_constant_pad(transpose.input[0])
         if found is None:
@@ -258,8 +263,10 @@ def _transpose_before_pad(graph, ranges: dict[str, float]) -> None:
         perm = next(list(a.ints) for a in transpose.attribute if a.name == "perm")
         rank = len(perm)
         moved = np.concatenate([pads[:rank][perm], pads[rank:][perm]])
-        pads_name = f"{pad.input[1]}_tfopt_transposed"
-        graph.initializer.append(numpy_helper.from_array(moved, pads_name))
+        pads_name = f"{pad.input[1]}_tfopt_transposed_{'_'.join(map(str, perm))}"
+        if pads_name not in written:  # Pads may share one constant (and so one moved copy)
+            graph.initializer.append(numpy_helper.from_array(moved, pads_name))
+            written.add(pads_name)
         transposed = f"{pad.input[0]}_tfopt_transposed"
         new_transpose = helper.make_node("Transpose", [pad.input[0]], [transposed],
                                          name=transpose.name, perm=perm)
@@ -451,8 +458,11 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
       fused kernel, only roundings the QAT model does not do, and their
       inputs may span ranges no 8 bits hold (an attention mask's -1e9 added
       to the scores, a transformer's residual stream into its normalization).
-      A residual sum between convolutions, or a swish or squeeze-and-excite
-      product, sits between integer kernels and is quantized.
+      A residual sum between convolutions, or a swish, hard swish or
+      squeeze-and-excite product, sits between integer kernels and is
+      quantized, and so is a chain of them (MobileNetV3's hard swish,
+      ``x * relu6(x + 3) / 6``, between a convolution and the next): only then
+      can the convolution before it write uint8 and run as an integer kernel.
     """
     initializers = {i.name for i in proto.graph.initializer}
     consumers = collections.defaultdict(list)
@@ -473,9 +483,12 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
         for node in consumers.get(tensor, []):
             if integer_compute(node) and node.input[0] == tensor:
                 return True
-            if node.op_type in _VALUE_PRESERVING | {"Relu", "Clip"} and node.input[0] == tensor \
-                    and feeds_integer(node.output[0], seen):
+            if node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS \
+                    and node.input[0] == tensor and feeds_integer(node.output[0], seen):
                 return True
+            if node.op_type in ("Add", "Mul") and between_integer(node) \
+                    and feeds_integer(node.output[0], seen):
+                return True  # a hard-swish or squeeze-and-excite chain between two kernels
         return False
 
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -491,7 +504,7 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
                 result = False
             elif node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 result = integer_compute(node)
-            elif node.op_type in _VALUE_PRESERVING | {"Relu", "Clip", "Sigmoid"}:
+            elif node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS:
                 result = from_integer(node.input[0])
             elif node.op_type in ("Add", "Mul"):
                 result = between_integer(node)
