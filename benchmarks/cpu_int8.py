@@ -50,6 +50,7 @@ MODELS = {
     "efficientnetb0": keras.applications.EfficientNetB0,
     "mobilenetv3small": keras.applications.MobileNetV3Small,
     "mobilenetv3large": keras.applications.MobileNetV3Large,
+    "xception": keras.applications.Xception,
 }
 
 

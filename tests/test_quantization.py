@@ -243,6 +243,34 @@ def test_separable_conv_einsum_dense_and_dot_get_qdq(tmp_path):
     assert scales == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.parametrize("rank", [1, 2])
+def test_separable_conv_quantizes_the_tensor_between_its_two_convolutions(
+        rank, monkeypatch, tmp_path):
+    spatial = (9,) * rank
+    separable = layers.SeparableConv1D if rank == 1 else layers.SeparableConv2D
+    pooled = layers.GlobalAveragePooling1D if rank == 1 else layers.GlobalAveragePooling2D
+    inputs = keras.Input((*spatial, 3), name="x")
+    y = separable(8, 3, strides=2, depth_multiplier=2, padding="same", activation="relu",
+                  name="sep")(inputs)
+    y = separable(8, 3, dilation_rate=2, use_bias=False, name="sep_dilated")(y)
+    model = keras.Model(inputs, layers.Dense(3, name="head")(pooled()(y)))
+    x = np.random.default_rng(0).normal(size=(16, *spatial, 3)).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    for name in ("quant_sep", "quant_sep_dilated"):
+        ranges = qat.get_layer(name).activation_ranges()
+        assert any(k.endswith("pointwise_input_amax") and v > 0 for k, v in ranges.items())
+    # Both integer kernels on ONNX Runtime, each convolution reading int8.
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
+    assert kernels["integer"] == kernels["total"] == 5, kernels
+    # With fake quantization made the identity, the wrapper computes Keras's own layer.
+    from tfopt.quantization import _wrapper
+    monkeypatch.setattr(_wrapper, "fake_quant_activation", lambda v, amax, bits: v)
+    monkeypatch.setattr(_wrapper, "fake_quant_weight", lambda v, *args: v)
+    np.testing.assert_allclose(qat(x, training=False), model(x, training=False),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_calibration_makes_the_qat_model_accurate_before_fine_tuning(trained_digits, digits):
     (x, _), (x_test, y_test) = digits
     float_accuracy = trained_digits.evaluate(x_test, y_test, verbose=0)[1]

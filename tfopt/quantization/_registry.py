@@ -49,6 +49,10 @@ WEIGHTED: dict[type, dict[str, Union[Axis, Callable]]] = {
     layers.SeparableConv2D: {"depthwise_kernel": _depthwise_axis, "pointwise_kernel": -1},
 }
 
+# Their wrapper also fake-quantizes the tensor between the depthwise and the
+# pointwise convolution (QuantizeWrapper._separable), so both run as int8 kernels.
+SEPARABLE: tuple[type, ...] = (layers.SeparableConv1D, layers.SeparableConv2D)
+
 INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
 
 # BatchNormalization after a convolution is left in float: with per-channel
