@@ -126,6 +126,15 @@ def squeeze_excite_hard_swish():
     return keras.Model(inputs, head(x))
 
 
+def pointwise_head():
+    """MobileNet's classifier: global pooling kept 4-D, a 1x1 Conv2D to the classes, Flatten."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 16, "features", activation="relu")
+    x = layers.GlobalAveragePooling2D(keepdims=True)(x)
+    x = layers.Conv2D(10, 1, name="logits")(x)
+    return keras.Model(inputs, layers.Flatten()(x))
+
+
 def dense_mlp():
     inputs = keras.Input((16,), name="features")
     x = layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -144,6 +153,8 @@ RULES = {
     # the Pads fold into the convolution and the max pooling, not left in float
     "padded stem": (padded_stem, {"Pad", "DequantizeLinear"}, {"QLinearConv", "MaxPool"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
+    # the head, whose float output no Conv kernel could write, runs as a matrix product
+    "1x1 convolution head": (pointwise_head, {"Conv"}, {"QLinearConv", "MatMulIntegerToFloat"}),
     # the hard swish and the gate run between integer kernels, so every convolution does
     "hard swish, squeeze-and-excite": (squeeze_excite_hard_swish, {"Relu", "Clip"},
                                        {"QLinearConv", "QLinearMul"}),

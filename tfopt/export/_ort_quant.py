@@ -336,6 +336,70 @@ def _pad_into_max_pool(graph, ranges: dict[str, float]) -> None:
     _set_nodes(graph, nodes)
 
 
+def _pointwise_head_as_matmul(graph, ranges: dict[str, float]) -> dict[str, str]:
+    """A 1x1 convolution over a 1x1 map that only layout ops read becomes Flatten -> MatMul.
+
+    That is a classifier head written as a convolution (MobileNet, MobileNetV3:
+    ``Conv2D(classes, 1)`` after global pooling, then ``Flatten``). ONNX
+    Runtime runs a Conv as an integer kernel only if its output is quantized,
+    and tfopt keeps the model's outputs float, so the head ran in float: with
+    float weights read at every call, the largest layer of MobileNetV3Small at
+    batch 1 (1024x1000). The same product as a MatMul runs as
+    ``MatMulIntegerToFloat``, int8 in and float out. The result is reshaped
+    back to the convolution's output shape, so what reads it is unchanged.
+
+    Needs the input's shape (``quant_pre_process`` infers it). Returns
+    ``{convolution weight: matrix weight}`` for the weights it rewrote.
+    """
+    from onnx import helper, numpy_helper
+
+    index = _GraphIndex(graph)
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
+                       for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.value_info, *graph.input]}
+    readers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            readers[name].append(node)
+    nodes, rewritten = [], {}
+    for conv in graph.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        weight = index.initializers.get(conv.input[1]) if conv.op_type == "Conv" else None
+        kernel = numpy_helper.to_array(weight) if weight is not None else None
+        x_shape = shapes.get(conv.input[0])
+        if kernel is None or kernel.ndim < 3 or any(d != 1 for d in kernel.shape[2:]) \
+                or attrs.get("group", 1) != 1 or any(attrs.get("pads", [])) \
+                or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", b"VALID") \
+                or not x_shape or len(x_shape) != kernel.ndim or any(d != 1 for d in x_shape[2:]) \
+                or conv.output[0] in ranges or conv.output[0] in index.outputs \
+                or not readers[conv.output[0]] \
+                or any(r.op_type not in _LAYOUT for r in readers[conv.output[0]]):
+            nodes.append(conv)
+            continue
+        channels = kernel.shape[0]
+        x, flat = conv.input[0], f"{conv.output[0]}_tfopt_flat"
+        matrix = f"{conv.input[1]}_tfopt_matmul"
+        product, target = f"{conv.output[0]}_tfopt_matmul", f"{conv.output[0]}_tfopt_shape"
+        graph.initializer.extend([
+            numpy_helper.from_array(kernel.reshape(channels, -1).T.copy(), matrix),
+            numpy_helper.from_array(np.asarray([0, channels] + [1] * (kernel.ndim - 2), np.int64),
+                                    target)])
+        chain = [helper.make_node("Flatten", [x], [flat], name=conv.name, axis=1),
+                 helper.make_node("MatMul", [flat, matrix], [product], name=f"{conv.name}_matmul")]
+        if len(conv.input) > 2 and conv.input[2]:
+            chain.append(helper.make_node("Add", [product, conv.input[2]], [f"{product}_bias"],
+                                          name=f"{conv.name}_bias"))
+        chain.append(helper.make_node("Reshape", [chain[-1].output[0], target], [conv.output[0]],
+                                      name=f"{conv.name}_reshape"))
+        nodes.extend(chain)
+        if x in ranges:
+            ranges[flat] = ranges[x]
+        rewritten[conv.input[1]] = matrix
+    if rewritten:
+        _set_nodes(graph, nodes)
+    return rewritten
+
+
 def _set_nodes(graph, nodes) -> None:
     """Make ``nodes`` the graph's nodes, and drop the initializers none of them reads."""
     del graph.node[:]
@@ -565,9 +629,15 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         onnx.save(qat.proto, str(tmp / "float.onnx"))
         _fold(tmp / "float.onnx", tmp / "folded.onnx")
         folded = onnx.load(str(tmp / "folded.onnx"))
+        trained = dict(qat.ranges)
+        matrices = _pointwise_head_as_matmul(folded.graph, trained)
+        if matrices:
+            onnx.save(folded, str(tmp / "folded.onnx"))
+        per_tensor = set(qat.per_tensor_weights) | {
+            matrices[w] for w in qat.per_tensor_weights if w in matrices}
         present = {o for n in folded.graph.node for o in n.output} | \
             {i.name for i in folded.graph.input}
-        ranges = {t: r for t, r in qat.ranges.items() if t in present}
+        ranges = {t: r for t, r in trained.items() if t in present}
         for node in folded.graph.node:  # folding renames layout ops: carry ranges through again
             if node.op_type in _VALUE_PRESERVING and node.input[0] in ranges:
                 ranges.setdefault(node.output[0], ranges[node.input[0]])
@@ -589,8 +659,7 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
                     **grids,
                     # per tensor, as QAT quantized them; max/127 of the fake-quantized
                     # values is QAT's own scale, so the int8 values are QAT's too
-                    **{w: [{"symmetric": True}] for w in qat.per_tensor_weights
-                       if w in weight_names}},
+                    **{w: [{"symmetric": True}] for w in per_tensor if w in weight_names}},
                 "WeightSymmetric": True,  # [-127, 127] per channel: QAT's weight grid
                 "QDQDisableWeightAdjustForInt32Bias": True,  # keep that grid
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},

@@ -143,12 +143,14 @@ class QuantizeWrapper(_ActivationQuantizer):
         Keras computes both in one op, so the layer's own call leaves that tensor
         in float: the depthwise convolution could not write int8, nor the pointwise
         one read it, and an engine ran both in float (Xception: 7 of 75 integer
-        kernels on ONNX Runtime). The sum is the one ``ops.separable_conv`` computes.
+        kernels on ONNX Runtime). Without the fake quantization this computes
+        what the layer's ``ops.separable_conv`` does.
         """
         layer = self.layer
-        weights = {id(v): q for v, q in self.quantized_weights()}
+        dtype = layer.compute_dtype
+        weights = {id(v): keras.ops.cast(q, dtype) for v, q in self.quantized_weights()}
         y = keras.ops.depthwise_conv(
-            x, weights[id(layer.depthwise_kernel)], strides=layer.strides,
+            keras.ops.cast(x, dtype), weights[id(layer.depthwise_kernel)], strides=layer.strides,
             padding=layer.padding, data_format=layer.data_format,
             dilation_rate=layer.dilation_rate)
         y = self._quantize_input(y, self.pointwise_input_amax, training)
@@ -158,7 +160,7 @@ class QuantizeWrapper(_ActivationQuantizer):
             shape = ((1,) * (layer.rank + 1) + (layer.filters,)
                      if layer.data_format == "channels_last"
                      else (1, layer.filters) + (1,) * layer.rank)
-            y = keras.ops.add(y, keras.ops.reshape(layer.bias, shape))
+            y = keras.ops.add(y, keras.ops.reshape(keras.ops.cast(layer.bias, dtype), shape))
         return layer.activation(y) if layer.activation is not None else y
 
 
