@@ -65,7 +65,8 @@ _LAYOUT = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
 _VALUE_PRESERVING = _LAYOUT | {"Pad", "MaxPool"}
 
 # One-input ops that keep a value within the range of what feeds them, or squash
-# it: between two integer kernels, ONNX Runtime runs them on uint8 data too.
+# it: ONNX Runtime runs them on uint8 data too, in a chain of elementwise ops that
+# must be quantized for the kernel before it to write uint8 (_nodes_left_in_float).
 _UNARY_BETWEEN_KERNELS = {"Relu", "Clip", "Sigmoid", "GlobalAveragePool", "AveragePool"}
 
 # Ops ONNX Runtime's quantizer may turn into integer kernels here. LayerNormalization,
@@ -524,9 +525,12 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
       to the scores, a transformer's residual stream into its normalization).
       A residual sum between convolutions, or a swish, hard swish or
       squeeze-and-excite product, sits between integer kernels and is
-      quantized, and so is a chain of them (MobileNetV3's hard swish,
-      ``x * relu6(x + 3) / 6``, between a convolution and the next): only then
-      can the convolution before it write uint8 and run as an integer kernel.
+      quantized. So is a longer chain of them where a kernel whose output QAT
+      did not quantize starts it (MobileNetV3's hard swish, ``x * relu6(x + 3)
+      / 6``, after a depthwise convolution): only then can that kernel write
+      uint8 and run as an integer kernel. A chain after tensors QAT quantized
+      (ResNet50V2's BatchNormalization after a residual sum) buys no kernel
+      and stays float.
     """
     initializers = {i.name for i in proto.graph.initializer}
     consumers = collections.defaultdict(list)
@@ -538,21 +542,25 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
         return node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
             and node.input[0] in ranges and any(i in initializers for i in node.input[1:2])
 
-    def feeds_integer(tensor, seen) -> bool:
+    def feeds_integer(tensor, seen, chains=False) -> bool:
+        """Whether ``tensor`` reaches an integer kernel's input, through value-preserving
+        ops and ReLUs or, with ``chains``, also through sums, products and poolings."""
         if tensor in ranges:
             return True
         if tensor in seen:
             return False
         seen.add(tensor)
+        unary = _VALUE_PRESERVING | ({"Relu", "Clip"} | _UNARY_BETWEEN_KERNELS if chains
+                                     else {"Relu", "Clip"})
         for node in consumers.get(tensor, []):
             if integer_compute(node) and node.input[0] == tensor:
                 return True
-            if node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS \
-                    and node.input[0] == tensor and feeds_integer(node.output[0], seen):
+            if node.op_type in unary and node.input[0] == tensor \
+                    and feeds_integer(node.output[0], seen, chains):
                 return True
-            if node.op_type in ("Add", "Mul") and between_integer(node) \
-                    and feeds_integer(node.output[0], seen):
-                return True  # a hard-swish or squeeze-and-excite chain between two kernels
+            if chains and node.op_type in ("Add", "Mul") and between_integer(node) \
+                    and feeds_integer(node.output[0], seen, chains):
+                return True
         return False
 
     producers = {o: n for n in proto.graph.node for o in n.output}
@@ -568,7 +576,7 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
                 result = False
             elif node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
                 result = integer_compute(node)
-            elif node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS:
+            elif node.op_type in _VALUE_PRESERVING | {"Relu", "Clip", "Sigmoid"}:
                 result = from_integer(node.input[0])
             elif node.op_type in ("Add", "Mul"):
                 result = between_integer(node)
@@ -581,13 +589,49 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
         activations = [i for i in node.input if i and i not in initializers]
         return bool(activations) and all(from_integer(i) for i in activations)
 
+    unranged_memo: dict[str, bool] = {}
+
+    def after_unranged_kernel(tensor) -> bool:
+        """Whether ``tensor`` comes, through elementwise ops only, from an integer
+        convolution whose output QAT did not quantize (MobileNetV3's depthwise
+        convolution before its hard swish): ONNX Runtime runs a convolution as an
+        integer kernel only if its output is quantized. A matrix product is not a
+        start: it runs as one with a float output (``MatMulIntegerToFloat``)."""
+        if tensor in ranges:
+            return False
+        if tensor not in unranged_memo:
+            unranged_memo[tensor] = False
+            node = producers.get(tensor)
+            if node is None:
+                result = False
+            elif node.op_type in ("Conv", "ConvTranspose"):
+                result = integer_compute(node)
+            elif node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS:
+                result = after_unranged_kernel(node.input[0])
+            elif node.op_type in ("Add", "Mul"):
+                result = any(after_unranged_kernel(i) for i in node.input
+                             if i and i not in initializers)
+            else:
+                result = False
+            unranged_memo[tensor] = result
+        return unranged_memo[tensor]
+
+    def quantized_elementwise(node) -> bool:
+        if not between_integer(node):
+            return False
+        if feeds_integer(node.output[0], set()):
+            return True
+        # a chain of sums and products (a hard swish, a squeeze-and-excite gate) between
+        # a kernel with no trained output range and the next kernel
+        return any(after_unranged_kernel(i) for i in node.input if i and i not in initializers) \
+            and feeds_integer(node.output[0], set(), chains=True)
+
     excluded = []
     for node in proto.graph.node:
         if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
             if not integer_compute(node):
                 excluded.append(node.name)
-        elif node.op_type in ("Add", "Mul") and not (
-                feeds_integer(node.output[0], set()) and between_integer(node)):
+        elif node.op_type in ("Add", "Mul") and not quantized_elementwise(node):
             excluded.append(node.name)
     return excluded
 
