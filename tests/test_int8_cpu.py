@@ -161,6 +161,23 @@ RULES = {
 }
 
 
+def test_a_pruned_and_stripped_pointwise_head_runs_as_an_integer_matrix_product(tmp_path):
+    """After prune and strip the head's bias reaches ONNX through ops, not as an initializer;
+    ONNX Runtime then fused a MatMul and its bias Add into a float Gemm (MobileNetV3 in the zoo)."""
+    model = pointwise_head()
+    randomize_batchnorm(model)
+    x = np.random.default_rng(0).normal(size=(32, 8, 8, 3)).astype("float32")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, begin_step=0, frequency=1))
+    pruned.compile(optimizer="adam", loss="mse")
+    pruned.fit(x, np.zeros((32, 10), "float32"), epochs=1, verbose=0,
+               callbacks=[tfopt.callbacks.PruningStep()])
+    qat = tfopt.quantize(tfopt.strip(pruned), calibration_data=x)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    kernels = result.manifest["artifacts"]["onnx"]["ort_cpu_kernels"]
+    assert kernels["integer"] == kernels["total"] == 2, kernels
+    assert kernels["ops"] == {"QLinearConv": 1, "MatMulIntegerToFloat": 1}, kernels
+
+
 def randomize_batchnorm(model, seed=0):
     """Give BN non-trivial statistics, negative scales included, so folding is tested."""
     rng = np.random.default_rng(seed)

@@ -388,10 +388,23 @@ def _pointwise_head_as_matmul(graph, ranges: dict[str, float]) -> dict[str, str]
         chain = [helper.make_node("Flatten", [x], [flat], name=conv.name, axis=1),
                  helper.make_node("MatMul", [flat, matrix], [product], name=f"{conv.name}_matmul")]
         if len(conv.input) > 2 and conv.input[2]:
-            chain.append(helper.make_node("Add", [product, conv.input[2]], [f"{product}_bias"],
-                                          name=f"{conv.name}_bias"))
-        chain.append(helper.make_node("Reshape", [chain[-1].output[0], target], [conv.output[0]],
-                                      name=f"{conv.name}_reshape"))
+            # The bias is added after the Reshape, in the convolution's layout: added to
+            # the MatMul's output, ONNX Runtime fuses the two into a float Gemm before its
+            # integer fusions run (seen when the bias is computed, not an initializer).
+            shaped, bias = f"{product}_shaped", f"{conv.output[0]}_tfopt_bias"
+            bias_shape = f"{conv.output[0]}_tfopt_bias_shape"
+            graph.initializer.append(numpy_helper.from_array(
+                np.asarray([channels] + [1] * (kernel.ndim - 2), np.int64), bias_shape))
+            chain += [
+                helper.make_node("Reshape", [product, target], [shaped],
+                                 name=f"{conv.name}_reshape"),
+                helper.make_node("Reshape", [conv.input[2], bias_shape], [bias],
+                                 name=f"{conv.name}_bias_reshape"),
+                helper.make_node("Add", [shaped, bias], [conv.output[0]],
+                                 name=f"{conv.name}_bias")]
+        else:
+            chain.append(helper.make_node("Reshape", [product, target], [conv.output[0]],
+                                          name=f"{conv.name}_reshape"))
         nodes.extend(chain)
         if x in ranges:
             ranges[flat] = ranges[x]
@@ -673,19 +686,18 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         onnx.save(qat.proto, str(tmp / "float.onnx"))
         _fold(tmp / "float.onnx", tmp / "folded.onnx")
         folded = onnx.load(str(tmp / "folded.onnx"))
-        trained = dict(qat.ranges)
-        matrices = _pointwise_head_as_matmul(folded.graph, trained)
-        if matrices:
-            onnx.save(folded, str(tmp / "folded.onnx"))
-        per_tensor = set(qat.per_tensor_weights) | {
-            matrices[w] for w in qat.per_tensor_weights if w in matrices}
         present = {o for n in folded.graph.node for o in n.output} | \
             {i.name for i in folded.graph.input}
-        ranges = {t: r for t, r in trained.items() if t in present}
+        ranges = {t: r for t, r in qat.ranges.items() if t in present}
         for node in folded.graph.node:  # folding renames layout ops: carry ranges through again
             if node.op_type in _VALUE_PRESERVING and node.input[0] in ranges:
                 ranges.setdefault(node.output[0], ranges[node.input[0]])
         lost = sorted(set(qat.ranges) - set(ranges))
+        matrices = _pointwise_head_as_matmul(folded.graph, ranges)
+        if matrices:
+            onnx.save(folded, str(tmp / "folded.onnx"))
+        per_tensor = set(qat.per_tensor_weights) | {
+            matrices[w] for w in qat.per_tensor_weights if w in matrices}
         if lost:
             logger.info("%d trained range(s) name tensors that BatchNorm folding removed; "
                         "those tensors are calibrated instead: %s", len(lost), lost[:5])
