@@ -552,9 +552,9 @@ def write_table(rows: dict) -> None:
         "exports never saw. `rel` is the error over the largest output magnitude. "
         "The ONNX INT8 cell also counts the convolutions and matrix products ONNX "
         "Runtime's CPU provider runs as integer kernels (`ort_cpu_kernels` in the "
-        "export's manifest); the ones left are those QAT keeps in float (attention "
-        "score and context products), and a file that runs none fails: it would be "
-        "no faster than float.",
+        "export's manifest; a transformer's attention score and context products stay "
+        "float by design), and a file that runs none fails: it would be no faster "
+        "than float.",
         "",
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras-hub {hub_version}, "
         f"2 CPU cores; rows run on {_dates(rows, ran)}.",
