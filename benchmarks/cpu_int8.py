@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import tfopt  # noqa: E402
+from tfopt._tree import find  # noqa: E402
 from tfopt.artifacts._ort import default_session_options  # noqa: E402
 from tfopt.bench._timing import interleaved  # noqa: E402
 from tfopt.export import _ort_quant  # noqa: E402
@@ -67,8 +68,7 @@ def batchnorm_statistics_from(model: keras.Model, images: np.ndarray) -> keras.M
     rounds to zero, so no cosine could be measured. One forward pass in
     training mode with momentum 0 gives the statistics a trained model would have.
     """
-    norms = [layer for layer in model._flatten_layers()
-             if isinstance(layer, keras.layers.BatchNormalization)]
+    norms = find(model, lambda layer: isinstance(layer, keras.layers.BatchNormalization))
     momenta = [layer.momentum for layer in norms]
     for layer in norms:
         layer.momentum = 0.0

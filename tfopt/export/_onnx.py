@@ -155,10 +155,7 @@ def _scalar_addends_to_rank1(graph) -> None:
         rank = graph.get_rank(node.input[0])
         if value.ndim != 0 or rank is None or rank < 1:
             continue
-        if len(graph.find_output_consumers(constant.output[0])) > 1:
-            constant = graph.copy_const(constant)
-            graph.replace_input(node, node.input[1], constant.output[0], 1)
-        constant.set_tensor_value(value.reshape([1]))
+        _set_constant_input(graph, node, 1, value.reshape([1]))
 
 
 def _full_size_conv_biases(graph) -> None:
@@ -191,10 +188,17 @@ def _full_size_conv_biases(graph) -> None:
         channels = shape[0] if node.type == "Conv" else shape[1] * (node.get_attr_value("group") or 1)
         if channels == 1:
             continue
-        if len(graph.find_output_consumers(bias.output[0])) > 1:
-            bias = graph.copy_const(bias)
-            graph.replace_input(node, node.input[2], bias.output[0], 2)
-        bias.set_tensor_value(np.full([channels], value.reshape(()), dtype=value.dtype))
+        _set_constant_input(graph, node, 2, np.full([channels], value.reshape(()), value.dtype))
+
+
+def _set_constant_input(graph, node, index: int, value) -> None:
+    """Give ``node``'s constant input ``index`` the value ``value``, copying the constant
+    first if other nodes read it too (they keep the old value)."""
+    constant = node.inputs[index]
+    if len(graph.find_output_consumers(constant.output[0])) > 1:
+        constant = graph.copy_const(constant)
+        graph.replace_input(node, node.input[index], constant.output[0], index)
+    constant.set_tensor_value(value)
 
 
 # Above this many bytes of constants, the graph copies tf2onnx drops are collected

@@ -563,8 +563,7 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
         if tensor in seen:
             return False
         seen.add(tensor)
-        unary = _VALUE_PRESERVING | ({"Relu", "Clip"} | _UNARY_BETWEEN_KERNELS if chains
-                                     else {"Relu", "Clip"})
+        unary = _VALUE_PRESERVING | (_UNARY_BETWEEN_KERNELS if chains else {"Relu", "Clip"})
         for node in consumers.get(tensor, []):
             if integer_compute(node) and node.input[0] == tensor:
                 return True
