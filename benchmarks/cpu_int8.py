@@ -52,6 +52,9 @@ MODELS = {
     "mobilenetv3small": keras.applications.MobileNetV3Small,
     "mobilenetv3large": keras.applications.MobileNetV3Large,
     "xception": keras.applications.Xception,
+    "densenet121": keras.applications.DenseNet121,
+    "convnexttiny": keras.applications.ConvNeXtTiny,
+    "nasnetmobile": keras.applications.NASNetMobile,
 }
 
 

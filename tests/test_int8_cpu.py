@@ -135,6 +135,31 @@ def pointwise_head():
     return keras.Model(inputs, layers.Flatten()(x))
 
 
+def dense_block():
+    """DenseNet's layer: a convolution whose output only joins a Concatenate, then a
+    BatchNormalization over the concatenation (no convolution to fold it into)."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "stem", activation="relu")
+    grown = layers.Conv2D(4, 3, padding="same", use_bias=False, name="grow")(x)
+    x = layers.Concatenate()([x, grown])
+    x = layers.Activation("relu")(layers.BatchNormalization(name="concat_bn")(x))
+    x = conv_bn(x, 8, "transition", kernel=1)
+    return keras.Model(inputs, head(x))
+
+
+def convnext_block():
+    """ConvNeXt's block: a 7x7 depthwise convolution into a LayerNormalization (float by
+    design), then a pointwise MLP."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(8, 2, strides=2, name="stem")(inputs)
+    x = layers.LayerNormalization(epsilon=1e-6, name="stem_ln")(x)
+    y = layers.DepthwiseConv2D(7, padding="same", name="dw")(x)
+    y = layers.LayerNormalization(epsilon=1e-6, name="ln")(y)
+    y = layers.Dense(32, activation="gelu", name="expand")(y)
+    y = layers.Dense(8, name="project")(y)
+    return keras.Model(inputs, head(layers.Add()([x, y])))
+
+
 def dense_mlp():
     inputs = keras.Input((16,), name="features")
     x = layers.Dense(32, activation="relu", name="hidden")(inputs)
@@ -152,6 +177,10 @@ RULES = {
                               {"QLinearSigmoid", "QLinearMul", "QLinearConv"}),
     # the Pads fold into the convolution and the max pooling, not left in float
     "padded stem": (padded_stem, {"Pad", "DequantizeLinear"}, {"QLinearConv", "MaxPool"}),
+    # a convolution whose reader stays float still writes uint8, so it runs as an integer
+    # kernel: into a Concatenate, into a LayerNormalization
+    "convolution into a concatenation": (dense_block, {"Conv"}, {"QLinearConv"}),
+    "convolution into a layer normalization": (convnext_block, {"Conv"}, {"QLinearConv"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
     # the head, whose float output no Conv kernel could write, runs as a matrix product
     "1x1 convolution head": (pointwise_head, {"Conv"}, {"QLinearConv", "MatMulIntegerToFloat"}),

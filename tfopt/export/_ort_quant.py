@@ -540,8 +540,10 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
       squeeze-and-excite product, sits between integer kernels and is
       quantized. So is a longer chain of them where a kernel whose output QAT
       did not quantize starts it (MobileNetV3's hard swish, ``x * relu6(x + 3)
-      / 6``, after a depthwise convolution): only then can that kernel write
-      uint8 and run as an integer kernel. A chain after tensors QAT quantized
+      / 6``, after a depthwise convolution): the chain then runs on uint8
+      from that kernel's output to the next kernel's input, instead of in
+      float between a DQ and a Q (``_drop_idle_qdq`` keeps the kernel's own
+      output quantized either way). A chain after tensors QAT quantized
       (ResNet50V2's BatchNormalization after a residual sum) buys no kernel
       and stays float.
     """
@@ -796,7 +798,12 @@ def _drop_idle_qdq(proto, trained) -> None:
     product QAT left in float, say), the pair runs as a rounding to 8 bits
     and back that the QAT model does not do, and buys no kernel. Tensors QAT
     trained a range for (``trained``) keep theirs: they are the QAT model's.
-    Removing one pair can idle another (a sum whose output is no longer
+    So does a convolution's output when the convolution can run as an integer
+    kernel (int8 input and weights): ONNX Runtime fuses one only if its output
+    is quantized, and one DequantizeLinear for a float reader (DenseNet's
+    Concatenate, ConvNeXt's LayerNormalization) costs far less than the
+    convolution in float. That rounding is calibrated, as ONNX Runtime's
+    post-training quantizer would do it. Removing one pair can idle another (a sum whose output is no longer
     quantized), so this repeats until nothing changes.
     """
     graph = proto.graph
@@ -821,10 +828,16 @@ def _drop_idle_qdq(proto, trained) -> None:
                 and all(consumers[o] and all(c.op_type == "QuantizeLinear" for c in consumers[o])
                         for o in node.output)
 
+        def integer_convolution(tensor) -> bool:
+            node = producers.get(tensor)
+            return node is not None and node.op_type in ("Conv", "ConvTranspose") \
+                and integer_reader(node)
+
         drop, rename = set(), {}
         for q in graph.node:
             source = q.input[0] if q.op_type == "QuantizeLinear" else None
-            if source is None or source in trained or source in initializers:
+            if source is None or source in trained or source in initializers \
+                    or integer_convolution(source):
                 continue
             dqs = consumers[q.output[0]]
             if not dqs or any(d.op_type != "DequantizeLinear" or d.output[0] in outputs
