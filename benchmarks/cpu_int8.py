@@ -174,11 +174,15 @@ def paired_ratio(samples: dict, base: str, other: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="resnet50,mobilenetv2,efficientnetb0")
+    parser.add_argument("--models", default="resnet50,mobilenetv2,efficientnetb0",
+                        help=f"comma-separated, of: {','.join(MODELS)}")
     parser.add_argument("--rounds-b1", type=int, default=100)
     parser.add_argument("--rounds-b32", type=int, default=9)
     parser.add_argument("--json", default="benchmarks/results/cpu_int8.json")
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {','.join(MODELS)}")
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
                                "cpu": platform.processor() or platform.machine(),
