@@ -4,6 +4,7 @@ import keras
 import numpy as np
 import onnx
 import pytest
+import tensorflow as tf
 from keras import layers
 from onnx import numpy_helper
 
@@ -306,6 +307,42 @@ def test_pruned_and_stripped_model_keeps_its_zeros_through_qat(tmp_path):
         assert np.all(weight[expected] == 0), name  # every pruned weight stays zero
         # Int8 rounding may zero a few tiny kept weights, not whole groups of them.
         assert np.mean(weight[~expected] == 0) < 0.05, name
+
+
+def test_export_traces_each_quantized_weight_as_one_constant_with_the_same_values():
+    """Inside constant_weights (what tfopt.export traces under), a wrapper computes with its
+    masked weights and their ranges as constants: the same values, and no max(abs(w * mask))
+    left in the graph for grappler to fold (it held several copies of every weight)."""
+    from tfopt.quantization._api import quant_wrappers
+    from tfopt.quantization._wrapper import constant_weights
+
+    inputs = keras.Input((6, 6, 4), name="x")
+    y = layers.SeparableConv2D(8, 3, name="sep")(inputs)
+    y = layers.Conv2D(8, 3, name="conv")(y)
+    y = layers.Reshape((4, 8))(y)
+    y = layers.EinsumDense("abc,cd->abd", output_shape=(4, 8), name="einsum")(y)
+    model = keras.Model(inputs, layers.Dense(3, name="head")(layers.Flatten()(y)))
+    kernel = model.get_layer("conv").kernel
+    kernel.assign(np.where(np.arange(kernel.numpy().size).reshape(kernel.shape) % 2, 0.0,
+                           kernel.numpy()))  # zeros QAT must keep: the conv has a mask
+    x = np.random.default_rng(0).normal(size=(16, 6, 6, 4)).astype("float32")
+    qat = tfopt.quantize(model, calibration_data=x)
+    qat.get_layer("quant_conv").layer.kernel.assign_add(np.full(kernel.shape, 0.01, "float32"))
+
+    def traced():
+        function = tf.function(lambda t: qat(t, training=False))
+        graph = function.get_concrete_function(tf.TensorSpec((None, 6, 6, 4))).graph
+        return function(x).numpy(), {op.type for op in graph.get_operations()}
+
+    expected, variable_ops = traced()
+    with constant_weights(quant_wrappers(qat)):
+        actual, constant_ops = traced()
+    np.testing.assert_array_equal(actual, expected)
+    assert "Abs" in variable_ops and "Abs" not in constant_ops, constant_ops
+    assert "Abs" in traced()[1]  # outside again, the wrappers read their variables
+    with pytest.raises(RuntimeError), constant_weights(quant_wrappers(qat)):
+        raise RuntimeError("an export that fails midway")
+    assert all(getattr(w, "_constant_weights", None) is None for w in quant_wrappers(qat))
 
 
 def test_qat_model_saves_and_loads(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -24,6 +25,8 @@ from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError,
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
+from tfopt.quantization._api import quant_wrappers
+from tfopt.quantization._wrapper import constant_weights
 from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
                                     relative_tolerances, rounding_noise, run_graph, sizes,
                                     widened)
@@ -447,29 +450,33 @@ def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact
     serve = _saved_model.serving_function(plan.model, plan.signature)
     built: dict[str, BuiltArtifact] = {}
     progress = _progress(order)
-    try:
-        for fmt in order:
-            if fmt in plan.targets:
-                path = stage.path(plan.targets[fmt])
-            else:  # needed by another format only: built aside, not committed
-                aux = stage.root / "aux"
-                aux.mkdir(exist_ok=True)
-                path = aux / Path(plan.target(fmt)).name
-            with third_party_quiet():
-                try:
-                    built[fmt] = _BUILDERS[fmt](plan, serve, path, built, stage)
-                except OSError as exc:
-                    if isinstance(exc, TfoptError):
-                        raise
-                    raise _staging.write_error(exc, plan.directory) from exc
-                except tf.errors.OpError as exc:  # TensorFlow's own file writes
-                    error = _staging.disk_error(exc, plan.directory)
-                    if error is None:
-                        raise
-                    raise error from exc
-            progress.update(1)
-    finally:
-        progress.close()
+    # every graph traced below holds each quantized weight once, as a constant
+    constants = constant_weights(quant_wrappers(plan.model)) if plan.quantized \
+        else contextlib.nullcontext()
+    with constants:
+        try:
+            for fmt in order:
+                if fmt in plan.targets:
+                    path = stage.path(plan.targets[fmt])
+                else:  # needed by another format only: built aside, not committed
+                    aux = stage.root / "aux"
+                    aux.mkdir(exist_ok=True)
+                    path = aux / Path(plan.target(fmt)).name
+                with third_party_quiet():
+                    try:
+                        built[fmt] = _BUILDERS[fmt](plan, serve, path, built, stage)
+                    except OSError as exc:
+                        if isinstance(exc, TfoptError):
+                            raise
+                        raise _staging.write_error(exc, plan.directory) from exc
+                    except tf.errors.OpError as exc:  # TensorFlow's own file writes
+                        error = _staging.disk_error(exc, plan.directory)
+                        if error is None:
+                            raise
+                        raise error from exc
+                progress.update(1)
+        finally:
+            progress.close()
     return built
 
 

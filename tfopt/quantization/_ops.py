@@ -21,11 +21,9 @@ import tensorflow as tf
 _MIN_RANGE = 1e-8
 
 
-def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
-                      narrow_range: bool) -> tf.Tensor:
-    """Symmetric fake quantization of a weight, per channel along ``channel_axis``.
-
-    ``channel_axis=None`` quantizes per tensor. Zero stays exactly zero.
+def weight_amax(weight: tf.Tensor, channel_axis: Optional[int]) -> tf.Tensor:
+    """The range :func:`fake_quant_weight` quantizes ``weight`` to: its absolute maximum per
+    channel along ``channel_axis`` (a scalar for ``None``).
 
     A channel whose weights are all zero (pruned away) gets the largest range
     of the layer's other channels, or 1 if it has none: its int8 values are
@@ -33,17 +31,27 @@ def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
     scale ``input_scale * weight_scale`` (ONNX Runtime's ``QLinearConv``)
     would overflow on a tiny one and lose the channel's bias.
     """
-    rank = weight.shape.rank
     if channel_axis is None:
         amax = tf.reduce_max(tf.abs(weight))
-        axis = -1
     else:
-        axis = channel_axis % rank
-        reduce = [d for d in range(rank) if d != axis]
-        amax = tf.reduce_max(tf.abs(weight), axis=reduce)
+        axis = channel_axis % weight.shape.rank
+        amax = tf.reduce_max(tf.abs(weight), axis=[d for d in range(weight.shape.rank)
+                                                   if d != axis])
     largest = tf.reduce_max(amax)
     fallback = tf.where(largest > 0, largest, tf.ones_like(largest))
-    amax = tf.where(amax > 0, amax, fallback)
+    return tf.where(amax > 0, amax, fallback)
+
+
+def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
+                      narrow_range: bool, amax: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """Symmetric fake quantization of a weight, per channel along ``channel_axis``.
+
+    ``channel_axis=None`` quantizes per tensor. Zero stays exactly zero.
+    ``amax`` is :func:`weight_amax` of ``weight``, computed here if not given.
+    """
+    if amax is None:
+        amax = weight_amax(weight, channel_axis)
+    axis = -1 if channel_axis is None else channel_axis % weight.shape.rank
     return tf.raw_ops.QuantizeAndDequantizeV3(
         input=weight, input_min=-amax, input_max=amax, num_bits=bits,
         signed_input=True, range_given=True, narrow_range=narrow_range, axis=axis,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import keras
 import tensorflow as tf
 
 from tfopt._substitute import call_with_weights
 from tfopt.quantization._config import QuantizationConfig
-from tfopt.quantization._ops import fake_quant_activation, fake_quant_weight
+from tfopt.quantization._ops import fake_quant_activation, fake_quant_weight, weight_amax
 from tfopt.quantization._registry import SEPARABLE, weight_axes
 
 
@@ -119,14 +122,20 @@ class QuantizeWrapper(_ActivationQuantizer):
 
     def quantized_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
         """``(variable, fake-quantized value)`` for each quantized weight."""
+        constants = getattr(self, "_constant_weights", None)
         result = []
         for i, (variable, axis) in enumerate(self._weights_axes):
-            value = tf.convert_to_tensor(variable.value)
-            if self._masks:
-                value = value * self._masks[i].value
+            if constants is not None:
+                value, amax = constants[i]
+            else:
+                value, amax = self._masked(i), None
             result.append((variable, fake_quant_weight(
-                value, axis, self.config.weight_bits, self.config.narrow_range_weights)))
+                value, axis, self.config.weight_bits, self.config.narrow_range_weights, amax)))
         return result
+
+    def _masked(self, i: int) -> tf.Tensor:
+        value = tf.convert_to_tensor(self._weights_axes[i][0].value)
+        return value * self._masks[i].value if self._masks else value
 
     def call(self, inputs, training=None, **kwargs):
         x = self._quantize_input(inputs, self.input_amax, training)
@@ -185,3 +194,28 @@ class QuantizeInputs(_ActivationQuantizer):
         if training:
             self.qat_step.assign_add(1)
         return self.layer(quantized[0] if single else quantized, **kwargs)
+
+
+@contextlib.contextmanager
+def constant_weights(wrappers) -> Iterator[None]:
+    """Inside, each :class:`QuantizeWrapper` computes with its weights as constants:
+    masked and with their ranges computed once, here, instead of in its graph.
+
+    For export. A serving graph traced inside holds each quantized weight once,
+    already masked, with its per-channel range beside it, and nothing for
+    grappler (inside tf2onnx and the SavedModel's constant folding) to fold:
+    folding ``max(abs(w * mask))`` made it hold several full-size copies of
+    every weight at once. The values are those the wrapper computes anyway.
+    """
+    wrappers = [w for w in wrappers if isinstance(w, QuantizeWrapper)]
+    try:
+        for wrapper in wrappers:
+            constants = []
+            for i, (_, axis) in enumerate(wrapper._weights_axes):
+                value = wrapper._masked(i)
+                constants.append((value, weight_amax(value, axis)))
+            wrapper._constant_weights = constants
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper._constant_weights = None
