@@ -90,8 +90,9 @@ PLANS: dict[str, str] = {
         "than it did (benchmarks/export_memory.py, ConvNeXtBase: peak 15.2 -> 9.9 -> 7.7 GB, "
         "the last step by tracing QAT weights as constants so grappler folds none of them; "
         "ConvNeXtLarge's FP32 export passes). Its peak, now ONNX Runtime's INT8 placement, "
-        "is still about 24 bytes per byte of float32 weights (19 GB here) on top of the "
-        "~13 GB this worker holds after two fit()s of a 198M-parameter model. Plan: export "
+        "is still 24x the float32 weights for ConvNeXtBase's whole process (7.7 GB for "
+        "0.33 GB); at that ratio ConvNeXtLarge needs about 19 GB, and this worker holds ~13 GB "
+        "after two fit()s of a 198M-parameter model. Plan: export "
         "in a fresh process from the saved QAT model, as a user with a model this size "
         "would, or run the row on a machine with 48 GB."),
     "(nan of": (
