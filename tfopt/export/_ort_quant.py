@@ -803,8 +803,9 @@ def _drop_idle_qdq(proto, trained) -> None:
     is quantized, and one DequantizeLinear for a float reader (DenseNet's
     Concatenate, ConvNeXt's LayerNormalization) costs far less than the
     convolution in float. That rounding is calibrated, as ONNX Runtime's
-    post-training quantizer would do it. Removing one pair can idle another (a sum whose output is no longer
-    quantized), so this repeats until nothing changes.
+    post-training quantizer would do it. Removing one pair can idle another
+    (a sum whose output is no longer quantized), so this repeats until
+    nothing changes.
     """
     graph = proto.graph
     initializers = {i.name for i in graph.initializer}
