@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -25,11 +24,11 @@ from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError,
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
-from tfopt.quantization._api import quant_wrappers
-from tfopt.quantization._wrapper import constant_weights
 from tfopt.export._validate import (compare, int8_tolerances, quantization_steps,
                                     relative_tolerances, rounding_noise, run_graph, sizes,
                                     widened)
+from tfopt.quantization._api import quant_wrappers
+from tfopt.quantization._wrapper import constant_weights
 
 logger = logging.getLogger(__name__)
 
@@ -451,9 +450,7 @@ def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact
     built: dict[str, BuiltArtifact] = {}
     progress = _progress(order)
     # every graph traced below holds each quantized weight once, as a constant
-    constants = constant_weights(quant_wrappers(plan.model)) if plan.quantized \
-        else contextlib.nullcontext()
-    with constants:
+    with constant_weights(quant_wrappers(plan.model)):
         try:
             for fmt in order:
                 if fmt in plan.targets:

@@ -93,6 +93,8 @@ class QuantizeWrapper(_ActivationQuantizer):
                                 aggregation="only_first_replica")
                 for v, _ in self._weights_axes
             ]
+        # (masked weight, range) per weight while constant_weights() is active, else None
+        self._constant_weights = None
         self.input_amax = self._add_range("input_amax")
         if isinstance(self.layer, SEPARABLE):
             self.pointwise_input_amax = self._add_range("pointwise_input_amax")
@@ -112,17 +114,17 @@ class QuantizeWrapper(_ActivationQuantizer):
         """
         from tfopt.pruning._registry import prunable_weights
 
-        masks = {id(v): m for (v, _), m in zip(self._weights_axes, self._masks)}
+        index = {id(v): i for i, (v, _) in enumerate(self._weights_axes)}
         result = []
         for target in prunable_weights(self.layer):
-            value = tf.convert_to_tensor(target.variable.value)
-            mask = masks.get(id(target.variable))
-            result.append((target.variable, value if mask is None else value * mask.value))
+            i = index.get(id(target.variable))
+            value = tf.convert_to_tensor(target.variable.value) if i is None else self._masked(i)
+            result.append((target.variable, value))
         return result
 
     def quantized_weights(self) -> list[tuple[keras.Variable, tf.Tensor]]:
         """``(variable, fake-quantized value)`` for each quantized weight."""
-        constants = getattr(self, "_constant_weights", None)
+        constants = self._constant_weights
         result = []
         for i, (variable, axis) in enumerate(self._weights_axes):
             if constants is not None:
