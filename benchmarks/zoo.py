@@ -200,6 +200,13 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> dict[str
             for name, g, w in zip(outputs, got, want)}
 
 
+# Rows above this many parameters export in a fresh process, from the stripped and QAT
+# models saved as .keras files after the QAT fit(), as a user with a model this size
+# would: the worker that ran two fit()s of ConvNeXtLarge (198M) holds ~13 GB, and its
+# INT8 export was killed for memory on this 24 GB machine (apart, the machine peaked at
+# 19.7 GB). ConvNeXtBase (88M) and NASNetLarge (85M) pass in one process.
+EXPORT_APART_PARAMS = 100_000_000
+
 # Gradients of random-weight networks pruned to 50% explode on random data (EfficientNet
 # v1's stem gradient passes 1e19 and Adam's square of it overflows): clip them.
 OPTIMIZER = "Adam(clipnorm=1.0)"
@@ -261,11 +268,17 @@ def _freeze_batch_norm(model) -> int:
     return count
 
 
-def run_one(name: str, progress: Optional[Path] = None) -> dict:
+def run_one(name: str, progress: Optional[Path] = None,
+            handoff: Optional[Path] = None) -> dict:
     """Every step on one architecture; ``{step: {"ok", "cell", "seconds"}}`` and totals.
 
     With ``progress``, the row so far is written there before each step, so a
     worker the OS kills (out of memory) still tells which step it died in.
+
+    With ``handoff`` (a folder), a model above ``EXPORT_APART_PARAMS`` stops
+    after the QAT fit(): the models and data the exports need are saved there
+    and the row comes back with ``"handoff": True``. Called again with that
+    folder, it loads them in this fresh process and runs the remaining steps.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -280,9 +293,13 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
     from tfopt.export import _api as export_api
 
     keras.utils.set_random_seed(0)
-    row: dict = {"steps": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                 "optimizer": OPTIMIZER}
-    state: dict = {}
+    resumed = handoff is not None and (handoff / "row.json").exists()
+    if resumed:
+        row, state = _load_handoff(name, handoff)
+    else:
+        row = {"steps": {}, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "optimizer": OPTIMIZER}
+        state = {}
     t_all = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix=f"zoo-{name}-"))
 
@@ -307,19 +324,23 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
               f"{row['steps'][key]['seconds']:7.1f}s  {row['steps'][key]['cell'][:100]}",
               flush=True)
 
-    t = time.perf_counter()
-    model, x, y, loss = _build(name)
-    row["params"] = int(model.count_params())
-    row["input"] = ({k: list(v.shape[1:]) for k, v in x.items()} if isinstance(x, dict)
-                    else list(x.shape[1:]))
-    row["build_seconds"] = round(time.perf_counter() - t, 1)
-    first = ({k: v[:4] for k, v in x.items()} if isinstance(x, dict) else x[:4])
-    second = ({k: v[4:] for k, v in x.items()} if isinstance(x, dict) else x[4:])
-
-    # Each model is dropped once the next one is made from it: the largest rows
-    # (ConvNeXtLarge, 198M parameters) need the memory for their exports.
-    state["model"] = model
-    del model
+    if resumed:
+        x = y = loss = None  # only the training steps use them, and those have run
+        first, second = state.pop("first"), state.pop("second")
+    else:
+        t = time.perf_counter()
+        model, x, y, loss = _build(name)
+        row["params"] = int(model.count_params())
+        row["input"] = ({k: list(v.shape[1:]) for k, v in x.items()} if isinstance(x, dict)
+                        else list(x.shape[1:]))
+        row["build_seconds"] = round(time.perf_counter() - t, 1)
+        first = ({k: v[:4] for k, v in x.items()} if isinstance(x, dict) else x[:4])
+        second = ({k: v[4:] for k, v in x.items()} if isinstance(x, dict) else x[4:])
+        # Each model is dropped once the next one is made from it: the largest rows
+        # (ConvNeXtLarge, 198M parameters) need the memory for their exports.
+        state["model"] = model
+        del model
+    apart = handoff is not None and row["params"] > EXPORT_APART_PARAMS
 
     def prune_fit():
         model = state.pop("model")
@@ -442,13 +463,57 @@ def run_one(name: str, progress: Optional[Path] = None) -> dict:
                     ("qat_fit", qat_fit), ("saved_model", saved_model), ("onnx_fp32", onnx_fp32),
                     ("onnx_int8", onnx_int8), ("openvino", openvino),
                     ("validation", validation)]:
+        if key in row["steps"]:  # run before the handoff
+            continue
+        if apart and not resumed and key == "saved_model":
+            row["seconds"] = round(time.perf_counter() - t_all + row["build_seconds"], 1)
+            _save_handoff(handoff, row, state, first, second)
+            return {**row, "handoff": True}
         step(key, fn)
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
-    row["seconds"] = round(time.perf_counter() - t_all + row["build_seconds"], 1)
+    if resumed:
+        row["seconds"] = round(row["seconds"] + time.perf_counter() - t_all, 1)
+        row["exported_apart"] = True
+    else:
+        row["seconds"] = round(time.perf_counter() - t_all + row["build_seconds"], 1)
     row["zoo_version"] = ZOO_VERSION
     return row
+
+
+def _save_handoff(folder: Path, row: dict, state: dict, first, second) -> None:
+    """What the export steps need, for a fresh process: the stripped and QAT models
+    as ``.keras`` files, as a user saves them, and the row and data so far."""
+    import pickle
+
+    import keras
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for key in ("plain", "qat"):
+        if key in state:
+            state[key].save(folder / f"{key}.keras")
+    arrays = {"first": first, "second": second, "float_out": state.get("float_out")}
+    arrays = keras.tree.map_structure(np.asarray, {k: v for k, v in arrays.items()
+                                                   if v is not None})
+    (folder / "data.pkl").write_bytes(pickle.dumps(arrays))
+    (folder / "row.json").write_text(json.dumps(row))
+
+
+def _load_handoff(name: str, folder: Path) -> tuple[dict, dict]:
+    """The row and state :func:`_save_handoff` wrote, the models loaded from their files."""
+    import pickle
+
+    import keras
+
+    if name in HUB:
+        import keras_hub  # noqa: F401 - registers the backbones' classes for loading
+    state = pickle.loads((folder / "data.pkl").read_bytes())
+    for key in ("plain", "qat"):
+        if (folder / f"{key}.keras").exists():
+            state[key] = keras.models.load_model(folder / f"{key}.keras")
+    return json.loads((folder / "row.json").read_text()), state
 
 
 # -- the driver ----------------------------------------------------------------------
@@ -465,39 +530,57 @@ def save(rows: dict) -> None:
 
 
 def run_in_subprocess(name: str, timeout: float) -> dict:
+    """One row in a worker process; a model above ``EXPORT_APART_PARAMS`` in two, the
+    second exporting from the models the first saved (see :func:`run_one`)."""
+    t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "row.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", str(out)]
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                   PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-        t = time.perf_counter()
-        progress = Path(tmp) / "progress.json"
-        cmd += ["--progress", str(progress)]
-        try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout, stdout=sys.stdout,
-                                  stderr=subprocess.PIPE, text=True)
-            if proc.returncode == 0:
-                reason = None
-            elif proc.returncode == -signal.SIGKILL:
-                memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-                reason = (f"killed by the OS (SIGKILL), which on this {memory:.0f} GB machine "
-                          "means out of memory")
-            else:
-                reason = (f"worker exited {proc.returncode}: "
-                          + " ".join((proc.stderr or "").strip().splitlines()[-3:])[-300:])
-        except subprocess.TimeoutExpired:
-            reason = f"timed out after {timeout:.0f} s"
-        if out.exists():
-            return json.loads(out.read_text())
-        row = {"steps": {}}
-        if progress.exists():  # the steps that finished, and the one it died in
-            row = json.loads(progress.read_text())
-            running = row.pop("running")
-            row["steps"][running] = {"ok": False, "seconds": None,
-                                     "cell": f"crashed: {reason or 'no result'}"}
-        row.update(crashed=reason or "no result", seconds=round(time.perf_counter() - t, 1),
-                   zoo_version=ZOO_VERSION)
-        return row
+        handoff = Path(tmp) / "handoff"
+        row = _worker(name, handoff, Path(tmp) / "train", timeout)
+        if not row.pop("handoff", False):
+            return row
+        print(f"  {name}: exporting in a fresh process from the saved models", flush=True)
+        exported = _worker(name, handoff, Path(tmp) / "export",
+                           timeout - (time.perf_counter() - t))
+        if exported.get("crashed"):  # the export worker's own progress, else the training's
+            exported = {**row, **exported, "steps": {**row["steps"], **exported["steps"]},
+                        "seconds": round(time.perf_counter() - t, 1), "exported_apart": True}
+        return exported
+
+
+def _worker(name: str, handoff: Path, tmp: Path, timeout: float) -> dict:
+    """``run_one`` in a subprocess; a row saying why, if it crashed or ran out of time."""
+    tmp.mkdir()
+    out, progress = tmp / "row.json", tmp / "progress.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--out", str(out),
+           "--progress", str(progress), "--handoff", str(handoff)]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    t = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, env=env, timeout=max(timeout, 1), stdout=sys.stdout,
+                              stderr=subprocess.PIPE, text=True)
+        if proc.returncode == 0:
+            reason = None
+        elif proc.returncode == -signal.SIGKILL:
+            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+            reason = (f"killed by the OS (SIGKILL), which on this {memory:.0f} GB machine "
+                      "means out of memory")
+        else:
+            reason = (f"worker exited {proc.returncode}: "
+                      + " ".join((proc.stderr or "").strip().splitlines()[-3:])[-300:])
+    except subprocess.TimeoutExpired:
+        reason = f"timed out after {timeout:.0f} s"
+    if out.exists():
+        return json.loads(out.read_text())
+    row = {"steps": {}}
+    if progress.exists():  # the steps that finished, and the one it died in
+        row = json.loads(progress.read_text())
+        running = row.pop("running")
+        row["steps"][running] = {"ok": False, "seconds": None,
+                                 "cell": f"crashed: {reason or 'no result'}"}
+    row.update(crashed=reason or "no result", seconds=round(time.perf_counter() - t, 1),
+               zoo_version=ZOO_VERSION)
+    return row
 
 
 def _cell(row: dict, key: str) -> str:
@@ -535,6 +618,7 @@ def write_table(rows: dict) -> None:
     total_seconds = sum(rows[n].get("seconds", 0.0) for n in ran)
     old = [n for n in ran if rows[n].get("optimizer") != OPTIMIZER]
     stale = [n for n in ran if not _current(rows[n])]
+    apart = [n for n in ran if rows[n].get("exported_apart")]
     lines = [
         "# Support matrix: keras.applications and keras-hub backbones through tfopt",
         "",
@@ -557,6 +641,12 @@ def write_table(rows: dict) -> None:
         "export's manifest; a transformer's attention score and context products stay "
         "float by design), and a file that runs none fails: it would be no faster "
         "than float.",
+        "",
+        f"Models above {EXPORT_APART_PARAMS / 1e6:.0f}M parameters"
+        + (f" ({', '.join(apart)}, marked *(exported apart)*)" if apart else "")
+        + " are exported in a fresh process from the stripped and QAT models saved as "
+        "`.keras` files after the QAT fit(), as a user with a model this size would: the "
+        "process that ran two fit()s of ConvNeXtLarge holds ~13 GB.",
         "",
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras-hub {hub_version}, "
         f"2 CPU cores; rows run on {_dates(rows, ran)}.",
@@ -594,6 +684,8 @@ def write_table(rows: dict) -> None:
         if crashed and not row.get("steps"):
             cells = [f"❌ {crashed}"] + ["–"] * (len(steps) - 1)
         label = name if _current(row) else f"{name} *(stale)*"
+        if row.get("exported_apart"):
+            label += " *(exported apart)*"
         lines.append(f"| {label} | {row.get('params', '')} | {_input(row.get('input'))} | "
                      + " | ".join(cells) + f" | {row.get('seconds', '')} |")
     TABLE.parent.mkdir(parents=True, exist_ok=True)
@@ -634,10 +726,12 @@ def main(argv=None) -> int:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--progress", help=argparse.SUPPRESS)
+    parser.add_argument("--handoff", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        row = run_one(args.worker, Path(args.progress) if args.progress else None)
+        row = run_one(args.worker, Path(args.progress) if args.progress else None,
+                      Path(args.handoff) if args.handoff else None)
         Path(args.out).write_text(json.dumps(row))
         return 0
     names = every_architecture()
