@@ -205,12 +205,15 @@ def test_a_normalization_layers_constants_do_not_become_onnx_inputs(tmp_path):
     assert result.errors["onnx"]["out"]["max_rel"] <= 1e-4
 
 
-def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path, monkeypatch):
-    """Each tf2onnx pass deep-copies the graph; the dropped copies must not pile up."""
+def test_tf2onnx_graph_copies_are_collected_and_share_the_weights(tmp_path, monkeypatch):
+    """Each tf2onnx pass deep-copies the graph: the dropped copies must not pile up, and
+    the copies share the weights instead of duplicating them."""
+    import copy
+
     from tf2onnx import optimizer
 
     original = dict(optimizer._optimizers)
-    passes, collections = [], []
+    passes, collections, copies = [], [], []
 
     def recording(name, factory):
         def make():
@@ -220,22 +223,37 @@ def test_tf2onnx_graph_copies_are_collected_before_each_optimizer_pass(tmp_path,
 
     monkeypatch.setattr(optimizer, "_optimizers",
                         type(optimizer._optimizers)((k, recording(k, f)) for k, f in original.items()))
-    recorded = dict(optimizer._optimizers)
     monkeypatch.setattr(_onnx.gc, "collect", lambda: collections.append(1))
     monkeypatch.setattr(_onnx, "_LARGE", 0)  # collect for this tiny graph too
+    deepcopy = _onnx._CopiesSharingWeights.deepcopy
 
-    model = keras.Sequential([keras.Input((4,)), layers.Dense(3)])
+    def recording_copy(self, value, memo=None):
+        made = deepcopy(self, value, memo)
+        if hasattr(value, "get_nodes"):
+            copies.append((value, made))
+        return made
+
+    monkeypatch.setattr(_onnx._CopiesSharingWeights, "deepcopy", recording_copy)
+    model = keras.Sequential([keras.Input((200,)), layers.Dense(100), layers.Dense(3)])
     tfopt.export(model, tmp_path / "ok", formats=("onnx",),
-                 validation_data=np.ones((2, 4), "float32"))
+                 validation_data=np.ones((2, 200), "float32"))
     assert passes, "tf2onnx ran no optimizer pass"
     # A collection precedes every pass: the pass k-th in line saw at least k collections.
     assert all(seen >= k for k, (_, seen) in enumerate(passes, 1))
-    assert dict(optimizer._optimizers) == recorded
+
+    graph, backup = copies[0]
+    values = {n.name: n.attr["value"] for n in graph.get_nodes() if n.type == "Const"}
+    copied = {n.name: n.attr["value"] for n in backup.get_nodes() if n.type == "Const"}
+    kernel = next(name for name, v in values.items() if list(v.t.dims) == [200, 100])
+    assert copied[kernel] is values[kernel]  # 80 KB: shared
+    assert all(copied[name] is not v for name, v in values.items()
+               if 4 * np.prod(v.t.dims) < _onnx._SHARED_CONSTANT_BYTES)  # small: copied
+    assert not {id(n) for n in graph.get_nodes()} & {id(n) for n in backup.get_nodes()}
 
     with pytest.raises(RuntimeError, match="mid-conversion"):
         with _onnx._collecting_between_optimizer_passes():
             raise RuntimeError("mid-conversion")
-    assert dict(optimizer._optimizers) == recorded
+    assert optimizer.copy is copy
 
 
 def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tensorflow(
@@ -292,6 +310,85 @@ def test_tf2onnx_conversion_is_from_graph_defs_without_weights_imported_to_tenso
                 [i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
 
     assert content(ours) == content(theirs) == content(upstream_only)
+
+
+class TiedHead(layers.Layer):
+    """GPT-2's output projection: logits against the transpose of the embedding table."""
+
+    def __init__(self, embedding, **kwargs):
+        super().__init__(**kwargs)
+        self.embedding = embedding
+
+    def call(self, x):
+        return keras.ops.matmul(x, keras.ops.transpose(self.embedding.embeddings))
+
+
+def grappler_test_models():
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", activation="relu", name="dw")(x)
+    x = layers.SeparableConv2D(8, 3, padding="same", activation="relu", name="sep")(x)
+    x = layers.Conv2D(16, 3, groups=2, padding="same", name="grouped")(x)
+    x = layers.GlobalAveragePooling2D()(x)
+    cnn = keras.Model(inputs, layers.Dense(10, name="head")(x))
+
+    tokens = keras.Input((6,), dtype="int32", name="tokens")
+    embedding = layers.Embedding(50, 16, name="embed")
+    h = embedding(tokens)
+    h = h + layers.MultiHeadAttention(2, 8, name="mha")(h, h)
+    h = layers.LayerNormalization(name="ln")(h)
+    h = layers.EinsumDense("btd,df->btf", output_shape=(None, 32), bias_axes="f",
+                           name="ffn")(h)
+    text = keras.Model(tokens, TiedHead(embedding, name="tied")(layers.Dense(16)(h)))
+    rng = np.random.default_rng(0)
+    for model in (cnn, text):  # no zero biases: grappler would drop their Add
+        model.set_weights([rng.uniform(0.1, 1.0, w.shape) for w in model.get_weights()])
+    return {"cnn": (cnn, np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype("float32")),
+            "text": (text, np.random.default_rng(0).integers(0, 50, (4, 6)).astype("int32"))}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "qat"])
+@pytest.mark.parametrize("name", ["cnn", "text"])
+def test_grappler_is_handed_no_weights_and_the_onnx_graph_is_the_one_it_gives_with_them(
+        name, quantized, tmp_path, monkeypatch):
+    """Weights kept out of grappler (placeholders in their place) give the same ONNX
+    graph, the same ops and the same initializers, as grappler given the weights."""
+    from onnx import numpy_helper
+    from tf2onnx import tf_loader
+
+    model, x = grappler_test_models()[name]
+    if quantized:
+        model = tfopt.quantize(model, calibration_data=x)
+    calls = []
+    convert = _onnx.convert
+    monkeypatch.setattr(_onnx, "convert", lambda serve, signature, **kw: (
+        calls.append((serve, signature, kw)), convert(serve, signature, **kw))[1])
+    tfopt.export(model, tmp_path / "ok", formats=("onnx",), validation_data=x)
+    serve, signature, kw = calls[0]
+
+    handed = []
+    optimize = tf_loader.tf_optimize
+
+    def recording(input_names, output_names, graph_def):
+        handed.append(sorted(n.name for n in graph_def.node if n.op == "Const"
+                             and len(n.attr["value"].tensor.tensor_shape.dim) >= 2
+                             and n.attr["dtype"].type == tf.float32.as_datatype_enum))
+        return optimize(input_names, output_names, graph_def)
+
+    monkeypatch.setattr(tf_loader, "tf_optimize", recording)
+    with_weights = convert(serve, signature, **kw)
+    assert handed[-1], "the test models' weights are constants in the frozen graph"
+    monkeypatch.setattr(_onnx, "_GRAPPLER_WEIGHT_BYTES", 0)  # every weight of this tiny model
+    without = convert(serve, signature, **kw)
+    assert handed[-1] == []
+
+    def content(proto):
+        return (sorted(n.op_type for n in proto.graph.node),
+                sorted(numpy_helper.to_array(i).tobytes() for i in proto.graph.initializer),
+                [i.name for i in proto.graph.input], [o.name for o in proto.graph.output])
+
+    assert content(without) == content(with_weights)
 
 
 def test_mobilenet_v2_exports_without_spurious_graph_inputs(tmp_path):

@@ -15,26 +15,30 @@
   it drops are reference cycles, which Python frees only when its cycle
   collector runs, and that collector counts objects, not bytes: a large
   model piled up one dropped copy per pass (ResNet50V2 peaked at 7.2 GB,
-  ResNet101V2 at 12.7 GB). Collecting before each pass keeps the peak near
-  the size of the graph itself (ResNet50V2: 3.2 GB). Only graphs with more than
-  32 MB of constants pay for the collections.
+  ResNet101V2 at 12.7 GB). For graphs with more than 32 MB of constants,
+  the collector runs before each copy, and the copies share the weights
+  (:class:`_CopiesSharingWeights`).
 * Freezing and tf2onnx's ``from_graph_def`` held more copies of the weights
   than the conversion needs: TensorFlow's ``convert_variables_to_constants_v2``
   registers a function that keeps one for the life of the process, and
   from_graph_def keeps the GraphDef it was given and TensorFlow graphs
   imported with their weights to its end. tfopt calls their stages itself
   (``_saved_model.frozen_graph_def``, :func:`_from_graph_def`); a test holds the
-  result to what the public functions give. Measured with
-  ``benchmarks/export_memory.py --model ConvNeXtBase``: the export's peak went
-  from 7.8 to 5.2 GB (float) and from 15.2 to 9.9 GB (QAT); what is left is
-  mostly grappler's own copies inside tf2onnx. (A QAT model is traced with
-  its weights as constants, ``quantization._wrapper.constant_weights``, so
-  grappler has no per-weight range to fold: 9.9 to 7.7 GB.)
+  result to what the public functions give.
+* Grappler (inside tf2onnx) held about 9 bytes per byte of weights: the
+  weights are kept out of it (:func:`_weights_as_placeholders`).
+
+Measured with ``benchmarks/export_memory.py --model ConvNeXtBase`` (table in
+benchmarks/README.md), the whole export's peak: float 7.8 -> 5.2 -> 3.8 GB,
+QAT to INT8 15.2 -> 9.9 -> 7.7 -> 5.0 GB (a QAT model is traced with its
+weights as constants, ``quantization._wrapper.constant_weights``, so that
+grappler has no per-weight range to fold).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import logging
 import re
@@ -116,8 +120,13 @@ def _from_graph_def(graph_defs: list, input_names, output_names, opset: int):
     from tf2onnx import optimizer, tf_loader, tf_utils
     from tf2onnx.tfonnx import process_tf_graph
 
+    graph_def = graph_defs.pop()
+    weights = _weights_as_placeholders(graph_def)
     with tf.device("/cpu:0"), tf.Graph().as_default():  # grappler runs in graph mode
-        optimized = tf_loader.tf_optimize(input_names, output_names, graph_defs.pop())
+        optimized = tf_loader.tf_optimize(input_names, output_names, graph_def)
+    del graph_def
+    _placeholders_as_weights(optimized, weights)
+    del weights
     large = _constant_bytes(optimized) >= _LARGE
     values = tf_utils.compress_graph_def(optimized)
     with tf.Graph().as_default() as tf_graph:
@@ -131,7 +140,11 @@ def _from_graph_def(graph_defs: list, input_names, output_names, opset: int):
         with _collecting_between_optimizer_passes() if large else contextlib.nullcontext():
             graph = optimizer.optimize_graph(graph, catch_errors=True)
         _full_size_conv_biases(graph)
-        return graph.make_model("converted from unknown")
+        proto = graph.make_model("converted from unknown")
+    del graph, tf_graph
+    if large:  # tf2onnx's graph, weights included, is a web of reference cycles
+        gc.collect()
+    return proto
 
 
 def _scalar_addends_to_rank1(graph) -> None:
@@ -203,6 +216,59 @@ def _set_constant_input(graph, node, index: int, value) -> None:
     constant.set_tensor_value(value)
 
 
+# Float constants of rank 2 or more (kernels, embedding tables) from this many bytes
+# are kept out of grappler (see _weights_as_placeholders); vectors and small tensors,
+# which grappler folds (BatchNormalization's statistics), are left in.
+_GRAPPLER_WEIGHT_BYTES = 64 * 2**10
+_FLOAT_TYPES = (tf.float32.as_datatype_enum, tf.float16.as_datatype_enum,
+                tf.bfloat16.as_datatype_enum, tf.float64.as_datatype_enum)
+
+
+def _weights_as_placeholders(graph_def) -> dict:
+    """Replace the weights of a frozen GraphDef by placeholders of their shape, for grappler.
+
+    Grappler (tf2onnx's ``tf_optimize``) holds several copies of the graph it
+    is given, weights included: about 9 bytes per byte of weights for a float
+    model, once the peak of the whole export (ConvNeXtXLarge's float export
+    was killed for memory on a 24 GB machine). What grappler folds into a
+    weight matrix, tf2onnx's own optimizer folds again (transposes and
+    reshapes of constants; tf2onnx has grappler leave the Q/DQ of weights
+    alone), and a test holds the ONNX graph to the one grappler gives with
+    the weights (convolutions of each kind, dense, einsum, attention, a tied
+    embedding; float and QAT). One difference is known: grappler drops an
+    ``Add`` of an all-zero constant, which as a placeholder stays (the same
+    values). So the large weights are taken out, and put back by
+    :func:`_placeholders_as_weights`. Grappler still makes one zero-filled
+    input for each placeholder.
+
+    Returns ``{node name: TensorProto}``, the values taken out.
+    """
+    from tensorflow.core.framework import attr_value_pb2
+
+    taken = {}
+    for node in graph_def.node:
+        if node.op != "Const" or node.attr["dtype"].type not in _FLOAT_TYPES:
+            continue
+        tensor = node.attr["value"].tensor
+        if len(tensor.tensor_shape.dim) < 2 or len(tensor.tensor_content) < _GRAPPLER_WEIGHT_BYTES:
+            continue
+        taken[node.name] = value = attr_value_pb2.AttrValue()
+        value.CopyFrom(node.attr["value"])
+        del node.attr["value"]
+        node.op = "Placeholder"
+        node.attr["shape"].shape.CopyFrom(value.tensor.tensor_shape)
+    return taken
+
+
+def _placeholders_as_weights(graph_def, taken: dict) -> None:
+    """Put back the weights :func:`_weights_as_placeholders` took out (emptying ``taken``)."""
+    for node in graph_def.node:
+        if node.op == "Placeholder" and node.name in taken:
+            node.op = "Const"
+            del node.attr["shape"]
+            node.attr["value"].CopyFrom(taken.pop(node.name))
+
+
 # Above this many bytes of constants, the graph copies tf2onnx drops are collected
 # before each pass. Below it they cost little memory, and a full collection in a
 # process that holds many objects (a test session) costs more time than it saves.
@@ -214,35 +280,49 @@ def _constant_bytes(graph_def) -> int:
                for node in graph_def.node if node.op == "Const")
 
 
-class _CollectFirst:
-    """An optimizer factory that runs the cycle collector before it builds its pass."""
+class _CopiesSharingWeights:
+    """Stands in for the ``copy`` module inside tf2onnx's optimizer loop.
 
-    def __init__(self, factory):
-        self.factory = factory
+    tf2onnx deep-copies the whole graph before each optimizer pass, to roll
+    back a pass that fails. Here the cycle collector runs first, so the copy
+    the last pass dropped (a reference cycle) is gone before the next one is
+    made, and the copy shares the graph's large constants instead of
+    duplicating them: no pass changes a constant in place (each sets a new
+    value on its node), so a graph rolled back still holds its own.
+    """
 
-    def __call__(self):
-        gc.collect()
-        return self.factory()
+    def deepcopy(self, value, memo=None):
+        memo = {} if memo is None else memo
+        if hasattr(value, "get_nodes"):  # a tf2onnx Graph (the loop also copies a Counter)
+            gc.collect()
+            for node in value.get_nodes():
+                attr = node.attr.get("value") if node.type == "Const" else None
+                if attr is not None and 4 * int(np.prod(attr.t.dims)) >= _SHARED_CONSTANT_BYTES:
+                    memo[id(attr)] = attr
+        return copy.deepcopy(value, memo)
+
+
+# Constants from this many bytes are shared between tf2onnx's graph and its backup copy.
+_SHARED_CONSTANT_BYTES = 64 * 2**10
 
 
 @contextlib.contextmanager
 def _collecting_between_optimizer_passes():
-    """Free the graph copy each tf2onnx optimizer pass drops before the next pass makes one.
+    """Free the graph copy each tf2onnx optimizer pass drops before the next pass makes
+    one, and make that copy share the weights (:class:`_CopiesSharingWeights`).
 
-    See the module docstring. tf2onnx reads its passes from one module-level
-    table each time it optimizes; that table is wrapped for the conversion
-    and restored afterwards.
+    See the module docstring. tf2onnx's optimizer loop calls ``copy.deepcopy``
+    through its module's ``copy`` name; that name is replaced for the
+    conversion and restored afterwards.
     """
     from tf2onnx import optimizer
 
-    table = optimizer._optimizers  # noqa: SLF001 (tf2onnx has no public hook)
-    saved = dict(table)
-    table.update({name: _CollectFirst(factory) for name, factory in saved.items()})
+    saved = optimizer.copy  # noqa: SLF001 (tf2onnx has no public hook)
+    optimizer.copy = _CopiesSharingWeights()
     try:
         yield
     finally:
-        table.clear()
-        table.update(saved)
+        optimizer.copy = saved
         gc.collect()
 
 
@@ -517,10 +597,12 @@ def _summarize_truncation(caught) -> None:
 
 
 def save(proto, path: Path) -> None:
+    """Write ``proto`` and check the file (checked from the file, the check holds no second
+    serialized copy of the model in memory beside the one written)."""
     import onnx
 
-    onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
+    onnx.checker.check_model(str(path))
 
 
 def session(path: Path, providers=("CPUExecutionProvider",)):

@@ -99,7 +99,7 @@ def _require_quantization():
 class QatGraph:
     """The float graph a QAT model computes, and the ranges QAT trained."""
 
-    proto: object  # onnx.ModelProto, float
+    proto: object  # onnx.ModelProto, float (None once quantize_for_cpu has written it)
     ranges: dict[str, float]  # tensor name -> trained absolute maximum
     per_channel: bool  # whether QAT's weight scales are per output channel
     # Weights QAT quantized per tensor (an EinsumDense kernel with several output axes):
@@ -684,7 +684,11 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
     arrays = [np.asarray(a)[:max_samples] for a in calibration]
     with tempfile.TemporaryDirectory(prefix="tfopt-ortq-") as tmp, _quiet_quantizer():
         tmp = Path(tmp)
-        onnx.save(qat.proto, str(tmp / "float.onnx"))
+        # Weights beside the graph: written tensor by tensor, not serialized into one
+        # buffer with the graph (a serialization peaks at ~4x the weights).
+        onnx.save(qat.proto, str(tmp / "float.onnx"), save_as_external_data=True,
+                  location="float.onnx.data")
+        qat.proto = None  # its weights: read back from the files from here on
         _fold(tmp / "float.onnx", tmp / "folded.onnx")
         folded = onnx.load(str(tmp / "folded.onnx"))
         present = {o for n in folded.graph.node for o in n.output} | \
@@ -704,13 +708,15 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
                         "those tensors are calibrated instead: %s", len(lost), lost[:5])
         grids = _overrides(folded, ranges)
         weight_names = {i.name for i in folded.graph.initializer}
+        in_float = _nodes_left_in_float(folded, ranges)
+        del folded  # quantize_static reads it from its file
         quantize_static(
             str(tmp / "folded.onnx"), str(tmp / "int8.onnx"),
             _Batches(input_names, arrays, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             op_types_to_quantize=_QUANTIZABLE_OPS,
-            nodes_to_exclude=_nodes_left_in_float(folded, ranges),
+            nodes_to_exclude=in_float,
             extra_options={
                 "TensorQuantOverrides": {
                     **grids,
@@ -737,12 +743,16 @@ def _fold(source: Path, target: Path) -> None:
     """
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    # Weights in one file beside each model it writes, as ``source`` has them: its
+    # optimizer then reads them from there, and no model is serialized whole.
+    external = dict(save_as_external_data=True, all_tensors_to_one_file=True,
+                    external_data_location=f"{target.name}.data")
     with _working_directory(source.parent):
         try:
-            quant_pre_process(str(source), str(target))
+            quant_pre_process(str(source), str(target), **external)
         except Exception as exc:  # noqa: BLE001 - ORT raises a bare Exception here
             logger.info("Symbolic shape inference failed (%s); using ONNX's.", exc)
-            quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+            quant_pre_process(str(source), str(target), skip_symbolic_shape=True, **external)
 
 
 @contextlib.contextmanager
