@@ -86,15 +86,14 @@ NOT_AVAILABLE = "n/a: tfopt.export has no 'openvino' format yet"
 # Known failures that cannot pass yet: a substring of the error -> the plan.
 PLANS: dict[str, str] = {
     "killed by the OS": (
-        "Not a layer type: memory. tfopt's QAT ONNX export keeps fewer copies of the weights "
-        "than it did (benchmarks/export_memory.py, ConvNeXtBase: peak 15.2 -> 9.9 -> 7.7 GB, "
-        "the last step by tracing QAT weights as constants so grappler folds none of them; "
-        "ConvNeXtLarge's FP32 export passes). Its peak, now ONNX Runtime's INT8 placement, "
-        "is still 24x the float32 weights for ConvNeXtBase's whole process (7.7 GB for "
-        "0.33 GB); at that ratio ConvNeXtLarge needs about 19 GB, and this worker holds ~13 GB "
-        "after two fit()s of a 198M-parameter model. Plan: export "
-        "in a fresh process from the saved QAT model, as a user with a model this size "
-        "would, or run the row on a machine with 48 GB."),
+        "Not a layer type: memory. ConvNeXtXLarge (348M parameters, 1.4 GB of float32 "
+        "weights) on this 24 GB machine: prune, QAT and the float exports pass, in three "
+        "processes; the INT8 export takes the machine past 23 GB and is killed, also when "
+        "run first in a fresh process (tried 2026-11-26). Its peak is ~15x the float32 "
+        "weights (ConvNeXtBase: 15.2 -> 5.0 GB over four changes, benchmarks/"
+        "export_memory.py), ~21 GB here beside the two loaded models. Plan: a machine with "
+        "32 GB or more, or cut the copies left at the peak (tf2onnx's optimizer passes, "
+        "ONNX Runtime's quantize_static)."),
     "(nan of": (
         "Not a layer type: with plain Adam the stem gradient of this pruned random-weight "
         "EfficientNet passes 1e19 on random data, Adam's square of it overflows "
@@ -200,12 +199,14 @@ def _fresh_check(path: Path, signature_inputs, feed_batch, expected) -> dict[str
             for name, g, w in zip(outputs, got, want)}
 
 
-# Rows above this many parameters export in a fresh process, from the stripped and QAT
-# models saved as .keras files after the QAT fit(), as a user with a model this size
-# would: the worker that ran two fit()s of ConvNeXtLarge (198M) holds ~13 GB, and its
-# INT8 export was killed for memory on this 24 GB machine (apart, the machine peaked at
-# 19.7 GB). ConvNeXtBase (88M) and NASNetLarge (85M) pass in one process.
+# Rows above this many parameters run in three processes, as a user with a model this
+# size would: prune and strip; QAT and its fit(); the exports. Each hands the next the
+# stripped and QAT models as .keras files. In one process, the worker that ran two
+# fit()s of ConvNeXtLarge (198M) held ~13 GB and its INT8 export was killed for memory
+# on this 24 GB machine; ConvNeXtXLarge (348M) reached 24 GB in its QAT fit().
+# ConvNeXtBase (88M) and NASNetLarge (85M) pass in one process.
 EXPORT_APART_PARAMS = 100_000_000
+HANDOFF_BEFORE = ("qat_calibrate", "saved_model")
 
 # Gradients of random-weight networks pruned to 50% explode on random data (EfficientNet
 # v1's stem gradient passes 1e19 and Adam's square of it overflows): clip them.
@@ -276,9 +277,10 @@ def run_one(name: str, progress: Optional[Path] = None,
     worker the OS kills (out of memory) still tells which step it died in.
 
     With ``handoff`` (a folder), a model above ``EXPORT_APART_PARAMS`` stops
-    after the QAT fit(): the models and data the exports need are saved there
-    and the row comes back with ``"handoff": True``. Called again with that
-    folder, it loads them in this fresh process and runs the remaining steps.
+    before each step of ``HANDOFF_BEFORE`` (QAT, then the exports): the models
+    and data the next steps need are saved there and the row comes back with
+    ``"handoff": True``. Called again with that folder, it loads them in this
+    fresh process and runs on, up to the next handoff or the end.
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import logging
@@ -325,7 +327,9 @@ def run_one(name: str, progress: Optional[Path] = None,
               flush=True)
 
     if resumed:
-        x = y = loss = None  # only the training steps use them, and those have run
+        x, y, loss = state.pop("x"), state.pop("y"), state.pop("loss")
+        if isinstance(loss, dict):
+            loss = keras.losses.deserialize(loss)
         first, second = state.pop("first"), state.pop("second")
     else:
         t = time.perf_counter()
@@ -341,6 +345,7 @@ def run_one(name: str, progress: Optional[Path] = None,
         state["model"] = model
         del model
     apart = handoff is not None and row["params"] > EXPORT_APART_PARAMS
+    ran_here = 0  # steps run in this process: a resumed one runs at least one before its handoff
 
     def prune_fit():
         model = state.pop("model")
@@ -459,17 +464,24 @@ def run_one(name: str, progress: Optional[Path] = None,
             cells.append(f"{label} {error:.2g} (rel {error / scale:.1g})")
         return "fresh batch: " + ", ".join(cells)
 
-    for key, fn in [("prune_fit", prune_fit), ("strip", strip), ("qat_calibrate", qat_calibrate),
-                    ("qat_fit", qat_fit), ("saved_model", saved_model), ("onnx_fp32", onnx_fp32),
-                    ("onnx_int8", onnx_int8), ("openvino", openvino),
-                    ("validation", validation)]:
-        if key in row["steps"]:  # run before the handoff
+    order = [("prune_fit", prune_fit), ("strip", strip), ("qat_calibrate", qat_calibrate),
+             ("qat_fit", qat_fit), ("saved_model", saved_model), ("onnx_fp32", onnx_fp32),
+             ("onnx_int8", onnx_int8), ("openvino", openvino), ("validation", validation)]
+    exporting = apart and resumed and "qat_fit" in row["steps"]
+    for key, fn in order:
+        if key in row["steps"]:  # run before a handoff
             continue
-        if apart and not resumed and key == "saved_model":
-            row["seconds"] = round(time.perf_counter() - t_all + row["build_seconds"], 1)
-            _save_handoff(handoff, row, state, first, second)
+        if apart and not exporting and key in HANDOFF_BEFORE and ran_here:
+            if progress is not None:
+                progress.write_text(json.dumps({**row, "running": key, "doing": (
+                    "saving the models for the next process (before this step)")}))
+            row["seconds"] = round(row.get("seconds", row["build_seconds"])
+                                   + time.perf_counter() - t_all, 1)
+            _save_handoff(handoff, row, state, dict(x=x, y=y, loss=loss, first=first,
+                                                    second=second))
             return {**row, "handoff": True}
         step(key, fn)
+        ran_here += 1
     import shutil
 
     shutil.rmtree(workdir, ignore_errors=True)
@@ -482,9 +494,9 @@ def run_one(name: str, progress: Optional[Path] = None,
     return row
 
 
-def _save_handoff(folder: Path, row: dict, state: dict, first, second) -> None:
-    """What the export steps need, for a fresh process: the stripped and QAT models
-    as ``.keras`` files, as a user saves them, and the row and data so far."""
+def _save_handoff(folder: Path, row: dict, state: dict, data: dict) -> None:
+    """What the next steps need, for a fresh process: the stripped and QAT models as
+    ``.keras`` files, as a user saves them, the data and loss, and the row so far."""
     import pickle
 
     import keras
@@ -494,10 +506,13 @@ def _save_handoff(folder: Path, row: dict, state: dict, first, second) -> None:
     for key in ("plain", "qat"):
         if key in state:
             state[key].save(folder / f"{key}.keras")
-    arrays = {"first": first, "second": second, "float_out": state.get("float_out")}
+    loss = data.pop("loss")
+    if not isinstance(loss, str):
+        loss = keras.losses.serialize(loss)
+    arrays = {**data, "float_out": state.get("float_out")}
     arrays = keras.tree.map_structure(np.asarray, {k: v for k, v in arrays.items()
                                                    if v is not None})
-    (folder / "data.pkl").write_bytes(pickle.dumps(arrays))
+    (folder / "data.pkl").write_bytes(pickle.dumps({**arrays, "loss": loss}))
     (folder / "row.json").write_text(json.dumps(row))
 
 
@@ -535,16 +550,19 @@ def run_in_subprocess(name: str, timeout: float) -> dict:
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         handoff = Path(tmp) / "handoff"
-        row = _worker(name, handoff, Path(tmp) / "train", timeout)
-        if not row.pop("handoff", False):
-            return row
-        print(f"  {name}: exporting in a fresh process from the saved models", flush=True)
-        exported = _worker(name, handoff, Path(tmp) / "export",
-                           timeout - (time.perf_counter() - t))
-        if exported.get("crashed"):  # the export worker's own progress, else the training's
-            exported = {**row, **exported, "steps": {**row["steps"], **exported["steps"]},
-                        "seconds": round(time.perf_counter() - t, 1), "exported_apart": True}
-        return exported
+        row = _worker(name, handoff, Path(tmp) / "phase1", timeout)
+        phase = 1
+        while row.pop("handoff", False):
+            phase += 1
+            print(f"  {name}: on in a fresh process (phase {phase}) from the saved models",
+                  flush=True)
+            after = _worker(name, handoff, Path(tmp) / f"phase{phase}",
+                            timeout - (time.perf_counter() - t))
+            if after.get("crashed"):  # that worker's own progress, else the row so far
+                after = {**row, **after, "steps": {**row["steps"], **after["steps"]},
+                         "seconds": round(time.perf_counter() - t, 1), "exported_apart": True}
+            row = after
+        return row
 
 
 def _worker(name: str, handoff: Path, tmp: Path, timeout: float) -> dict:
@@ -575,9 +593,9 @@ def _worker(name: str, handoff: Path, tmp: Path, timeout: float) -> dict:
     row = {"steps": {}}
     if progress.exists():  # the steps that finished, and the one it died in
         row = json.loads(progress.read_text())
-        running = row.pop("running")
-        row["steps"][running] = {"ok": False, "seconds": None,
-                                 "cell": f"crashed: {reason or 'no result'}"}
+        running, doing = row.pop("running"), row.pop("doing", None)
+        row["steps"][running] = {"ok": False, "seconds": None, "cell": (
+            f"crashed{' ' + doing if doing else ''}: {reason or 'no result'}")}
     row.update(crashed=reason or "no result", seconds=round(time.perf_counter() - t, 1),
                zoo_version=ZOO_VERSION)
     return row
@@ -644,9 +662,11 @@ def write_table(rows: dict) -> None:
         "",
         f"Models above {EXPORT_APART_PARAMS / 1e6:.0f}M parameters"
         + (f" ({', '.join(apart)}, marked *(exported apart)*)" if apart else "")
-        + " are exported in a fresh process from the stripped and QAT models saved as "
-        "`.keras` files after the QAT fit(), as a user with a model this size would: the "
-        "process that ran two fit()s of ConvNeXtLarge holds ~13 GB.",
+        + " run in three processes, as a user with a model this size would: prune and "
+        "strip; QAT and its fit(); the exports, each process loading the "
+        "stripped and QAT models the one before saved as `.keras` files (rows run before "
+        "2026-11-26 16:45 UTC in two: training, then the exports). The process that ran "
+        "two fit()s of ConvNeXtLarge held ~13 GB.",
         "",
         f"TensorFlow {tf.__version__}, Keras {keras.__version__}, keras-hub {hub_version}, "
         f"2 CPU cores; rows run on {_dates(rows, ran)}.",
