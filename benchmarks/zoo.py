@@ -467,11 +467,10 @@ def run_one(name: str, progress: Optional[Path] = None,
     order = [("prune_fit", prune_fit), ("strip", strip), ("qat_calibrate", qat_calibrate),
              ("qat_fit", qat_fit), ("saved_model", saved_model), ("onnx_fp32", onnx_fp32),
              ("onnx_int8", onnx_int8), ("openvino", openvino), ("validation", validation)]
-    exporting = apart and resumed and "qat_fit" in row["steps"]
     for key, fn in order:
         if key in row["steps"]:  # run before a handoff
             continue
-        if apart and not exporting and key in HANDOFF_BEFORE and ran_here:
+        if apart and key in HANDOFF_BEFORE and ran_here:
             if progress is not None:
                 progress.write_text(json.dumps({**row, "running": key, "doing": (
                     "saving the models for the next process (before this step)")}))
@@ -545,8 +544,8 @@ def save(rows: dict) -> None:
 
 
 def run_in_subprocess(name: str, timeout: float) -> dict:
-    """One row in a worker process; a model above ``EXPORT_APART_PARAMS`` in two, the
-    second exporting from the models the first saved (see :func:`run_one`)."""
+    """One row in a worker process; a model above ``EXPORT_APART_PARAMS`` in one per
+    phase, each going on from the models the one before saved (see :func:`run_one`)."""
     t = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         handoff = Path(tmp) / "handoff"

@@ -241,7 +241,7 @@ def _weights_as_placeholders(graph_def) -> dict:
     :func:`_placeholders_as_weights`. Grappler still makes one zero-filled
     input for each placeholder.
 
-    Returns ``{node name: TensorProto}``, the values taken out.
+    Returns ``{node name: AttrValue}``, the ``value`` attributes taken out.
     """
     from tensorflow.core.framework import attr_value_pb2
 
@@ -302,7 +302,8 @@ class _CopiesSharingWeights:
         return copy.deepcopy(value, memo)
 
 
-# Constants from this many bytes are shared between tf2onnx's graph and its backup copy.
+# Constants from this many bytes (counted as 4-byte elements) are shared between
+# tf2onnx's graph and its backup copy.
 _SHARED_CONSTANT_BYTES = 64 * 2**10
 
 
