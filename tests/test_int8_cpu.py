@@ -207,6 +207,92 @@ def test_a_pruned_and_stripped_pointwise_head_runs_as_an_integer_matrix_product(
     assert kernels["ops"] == {"QLinearConv": 1, "MatMulIntegerToFloat": 1}, kernels
 
 
+def computed_reshape_targets(proto):
+    """Each Reshape's constant target computed from its input's shape at run time instead,
+    as tf2onnx leaves Keras's Flatten in some runs: ``Shape -> Cast -> Slice -> Concat ->
+    Cast``, the batch read from the input, in int32 (ONNX Runtime's own ReshapeFusion
+    folds the pattern without the casts)."""
+    initializers = {i.name: i for i in proto.graph.initializer}
+    make, int32 = onnx.helper.make_node, onnx.TensorProto.INT32
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type == "Reshape" and node.input[1] in initializers:
+            rest = numpy_helper.to_array(initializers[node.input[1]])[1:].astype(np.int32)
+            name = node.output[0]
+            proto.graph.initializer.extend([
+                numpy_helper.from_array(np.asarray([0]), f"{name}_begin"),
+                numpy_helper.from_array(np.asarray([1]), f"{name}_end"),
+                numpy_helper.from_array(rest, f"{name}_rest")])
+            nodes += [
+                make("Shape", [node.input[0]], [f"{name}_shape"]),
+                make("Cast", [f"{name}_shape"], [f"{name}_shape32"], to=int32),
+                make("Slice", [f"{name}_shape32", f"{name}_begin", f"{name}_end"],
+                     [f"{name}_batch"]),
+                make("Concat", [f"{name}_batch", f"{name}_rest"], [f"{name}_target32"], axis=0),
+                make("Cast", [f"{name}_target32"], [f"{name}_target"],
+                     to=onnx.TensorProto.INT64)]
+            node.input[1] = f"{name}_target"
+        nodes.append(node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    return proto
+
+
+def test_a_flatten_whose_target_is_computed_still_makes_the_head_an_integer_matrix_product(
+        tmp_path, monkeypatch):
+    """tf2onnx folds Flatten's run-time target into a constant in most runs only (CI saw
+    one keep ``Shape -> Gather -> Slice -> Concat``): the head then stayed a Conv."""
+    from tfopt.export import _onnx
+
+    convert, converted = _onnx.convert, []
+    monkeypatch.setattr(_onnx, "convert", lambda *a, **k: (
+        converted.append(computed_reshape_targets(convert(*a, **k))), converted[-1])[1])
+    qat, x = qat_of(pointwise_head)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    assert [n.op_type for n in converted[0].graph.node].count("Shape") == 2  # both Reshapes
+    ops = optimized_ops(result.paths["onnx"])
+    assert ops["MatMulIntegerToFloat"] == 1 and ops["QLinearConv"] == 1, ops
+    assert not {"Shape", "Concat", "Conv"} & set(ops), ops
+    (error,) = result.errors["onnx"].values()
+    assert error["max_rel"] < 0.05
+
+
+def test_computed_reshape_targets_become_constants_and_only_their_own_ops_go():
+    """Two Reshapes share one Shape, which a graph output also reads: both targets become
+    constants, the Slice/Concat/Cast feeding only them go, the Shape stays."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    make, int64 = onnx.helper.make_node, onnx.TensorProto.INT64
+    nodes = [make("Shape", ["x"], ["shape"]),
+             make("Slice", ["shape", "zero", "one"], ["batch"]),
+             make("Concat", ["batch", "twelve"], ["flat_target"], axis=0),
+             make("Concat", ["batch", "two_six"], ["split_target"], axis=0),
+             make("Cast", ["flat_target"], ["flat_target64"], to=int64),
+             make("Reshape", ["x", "flat_target64"], ["flat"]),
+             make("Reshape", ["x", "split_target"], ["split"])]
+    constants = {"zero": [0], "one": [1], "twelve": [12], "two_six": [2, 6]}
+    graph = onnx.helper.make_graph(
+        nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT,
+                                                        ["n", 4, 3])],
+        [onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+         for name in ("flat", "split")] + [onnx.helper.make_tensor_value_info("shape", int64,
+                                                                              None)],
+        [numpy_helper.from_array(np.asarray(v, np.int64), k) for k, v in constants.items()])
+    model = SymbolicShapeInference.infer_shapes(
+        onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]))
+    x = np.random.default_rng(0).normal(size=(5, 4, 3)).astype("float32")
+    before = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    ranges = {"batch": 1.0, "x": 2.0}
+    assert _ort_quant._constant_reshape_targets(model.graph, ranges) == 2
+    assert [n.op_type for n in model.graph.node] == ["Shape", "Reshape", "Reshape"]
+    targets = {i.name: numpy_helper.to_array(i).tolist() for i in model.graph.initializer}
+    assert sorted(targets.values()) == [[-1, 2, 6], [-1, 12]], targets
+    assert ranges == {"x": 2.0}  # the ranges of tensors gone are dropped
+    after = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+
+
 def randomize_batchnorm(model, seed=0):
     """Give BN non-trivial statistics, negative scales included, so folding is tested."""
     rng = np.random.default_rng(seed)

@@ -337,6 +337,75 @@ def _pad_into_max_pool(graph, ranges: dict[str, float]) -> None:
     _set_nodes(graph, nodes)
 
 
+def _inferred_shapes(graph) -> dict[str, list]:
+    """Each tensor's shape as shape inference left it: ints, and ``None`` for a dimension
+    known only by name (the batch) or not at all."""
+    return {v.name: [d.dim_value if d.HasField("dim_value") else None
+                     for d in v.type.tensor_type.shape.dim]
+            for v in [*graph.value_info, *graph.input, *graph.output]
+            if v.type.tensor_type.HasField("shape")}
+
+
+def _constant_reshape_targets(graph, ranges: dict[str, float]) -> int:
+    """A Reshape whose target shape is computed at run time gets it as a constant, where
+    the inferred output shape leaves at most one dimension unknown (it becomes ``-1``).
+
+    tf2onnx usually folds Keras's ``Flatten`` (``Shape -> Slice -> Concat ->
+    Reshape``, the batch read at run time) into ``Reshape(x, [-1, n])``, but not
+    always: the same model kept the computed target in 2 of 52 exports (the order
+    its optimizers meet the nodes in varies between runs). The rewrites after this one
+    read the graph as it is in the usual case (a classifier head read only by
+    layout ops), and the ops computing the target are gone at run time.
+    Returns how many Reshapes it changed.
+    """
+    from onnx import numpy_helper
+
+    initializers = {i.name for i in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    shapes = _inferred_shapes(graph)
+    computed = []
+    for node in graph.node:
+        if node.op_type != "Reshape" or node.input[1] in initializers \
+                or node.input[1] in inputs:
+            continue
+        target = shapes.get(node.output[0])
+        if not target or target.count(None) > 1 or 0 in target \
+                or any(a.name == "allowzero" and a.i for a in node.attribute):
+            continue
+        computed.append(node.input[1])
+        node.input[1] = f"{node.output[0]}_tfopt_target"
+        graph.initializer.append(numpy_helper.from_array(
+            np.asarray([-1 if d is None else d for d in target], np.int64), node.input[1]))
+    changed = len(computed)
+    # Drop what computed the targets, back from them, as long as nothing else reads it.
+    producers = {o: n for n in graph.node for o in n.output}
+    readers = collections.Counter(name for n in graph.node for name in _names_read(n))
+    readers.update(o.name for o in graph.output)
+    dropped = set()
+    while computed:
+        node = producers.get(computed.pop())
+        if node is None or id(node) in dropped or any(readers[o] for o in node.output):
+            continue
+        dropped.add(id(node))
+        readers.subtract(_names_read(node))
+        computed.extend(node.input)
+        for name in node.output:
+            ranges.pop(name, None)
+    if changed:
+        _set_nodes(graph, [n for n in graph.node if id(n) not in dropped])
+    return changed
+
+
+def _names_read(node) -> set[str]:
+    """The tensors a node reads, its subgraphs' (If, Loop) included."""
+    read = set(node.input) - {""}
+    for attribute in node.attribute:
+        for subgraph in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+            for inner in subgraph.node:
+                read |= _names_read(inner)
+    return read
+
+
 def _pointwise_head_as_matmul(graph, ranges: dict[str, float]) -> dict[str, str]:
     """A 1x1 convolution over a 1x1 map that only layout ops read becomes Flatten -> MatMul.
 
@@ -355,9 +424,7 @@ def _pointwise_head_as_matmul(graph, ranges: dict[str, float]) -> dict[str, str]
     from onnx import helper, numpy_helper
 
     index = _GraphIndex(graph)
-    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None
-                       for d in v.type.tensor_type.shape.dim]
-              for v in [*graph.value_info, *graph.input]}
+    shapes = _inferred_shapes(graph)
     readers = collections.defaultdict(list)
     for node in graph.node:
         for name in node.input:
@@ -698,9 +765,8 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
             if node.op_type in _VALUE_PRESERVING and node.input[0] in ranges:
                 ranges.setdefault(node.output[0], ranges[node.input[0]])
         lost = sorted(set(qat.ranges) - set(ranges))
+        targets = _constant_reshape_targets(folded.graph, ranges)
         matrices = _pointwise_head_as_matmul(folded.graph, ranges)
-        if matrices:
-            onnx.save(folded, str(tmp / "folded.onnx"))
         per_tensor = set(qat.per_tensor_weights) | {
             matrices[w] for w in qat.per_tensor_weights if w in matrices}
         if lost:
@@ -709,9 +775,16 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         grids = _overrides(folded, ranges)
         weight_names = {i.name for i in folded.graph.initializer}
         in_float = _nodes_left_in_float(folded, ranges)
+        source = tmp / "folded.onnx"
+        if targets or matrices:
+            # A new file (onnx appends to an existing .data); saving moves the weights
+            # out of ``folded``, so it comes after everything that reads them.
+            source = tmp / "rewritten.onnx"
+            onnx.save(folded, str(source), save_as_external_data=True,
+                      location="rewritten.onnx.data")
         del folded  # quantize_static reads it from its file
         quantize_static(
-            str(tmp / "folded.onnx"), str(tmp / "int8.onnx"),
+            str(source), str(tmp / "int8.onnx"),
             _Batches(input_names, arrays, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
