@@ -377,6 +377,8 @@ def _constant_reshape_targets(graph, ranges: dict[str, float]) -> int:
         graph.initializer.append(numpy_helper.from_array(
             np.asarray([-1 if d is None else d for d in target], np.int64), node.input[1]))
     changed = len(computed)
+    if not changed:
+        return 0
     # Drop what computed the targets, back from them, as long as nothing else reads it.
     producers = {o: n for n in graph.node for o in n.output}
     readers = collections.Counter(name for n in graph.node for name in _names_read(n))
@@ -391,8 +393,7 @@ def _constant_reshape_targets(graph, ranges: dict[str, float]) -> int:
         computed.extend(node.input)
         for name in node.output:
             ranges.pop(name, None)
-    if changed:
-        _set_nodes(graph, [n for n in graph.node if id(n) not in dropped])
+    _set_nodes(graph, [n for n in graph.node if id(n) not in dropped])
     return changed
 
 
