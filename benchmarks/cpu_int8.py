@@ -11,11 +11,19 @@ interleaved run on ONNX Runtime's CPU provider, at batch 1 and 32:
 * ``tfopt int8 trt``: the same QAT model in TensorRT's placement;
 * ``ort quantize_static``: ONNX Runtime's post-training quantizer on the FP32
   file (QDQ, per-channel int8 weights, uint8 activations, after
-  ``quant_pre_process``), the anchor.
+  ``quant_pre_process``), as its docs recommend for x86: exact only on CPUs
+  with VNNI (its 8-bit weights saturate int16 pair sums elsewhere);
+* ``ort quantize_static rr``: the same with ``reduce_range=True`` (7-bit
+  weights): ONNX Runtime's own file that is right on every x86 CPU, as
+  tfopt's default is, and so the fair anchor.
 
 Also printed: how many convolutions/matrix products ONNX Runtime runs as
-integer kernels (from its optimized graph), file sizes, and the cosine
-similarity of each INT8 file's logits with the Keras QAT model's.
+integer kernels (from its optimized graph), file sizes, the cosine
+similarity of each INT8 file's logits with the Keras QAT model's, whether
+the file passes tfopt's static int16 proof (``portable``), and how far this
+CPU's integer kernels are from the file's own Q/DQ arithmetic (``kernel
+gap``: max |kernels - optimizations off| over the largest logit). The CPU's
+model name and instruction sets head the output and the JSON.
 
 Usage: python benchmarks/cpu_int8.py [--models resnet50,mobilenetv2,efficientnetb0]
        [--rounds-b1 100] [--rounds-b32 9] [--json benchmarks/results/cpu_int8.json]
@@ -37,13 +45,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import tfopt  # noqa: E402
 from tfopt._tree import find  # noqa: E402
-from tfopt.artifacts._ort import default_session_options  # noqa: E402
+from tfopt.artifacts._ort import arithmetic_session_options, default_session_options  # noqa: E402,E501
 from tfopt.bench._timing import interleaved  # noqa: E402
 from tfopt.export import _ort_quant  # noqa: E402
+from tfopt.targets import _cpu_int8  # noqa: E402
 
 MODELS = {
     "resnet50": keras.applications.ResNet50,
@@ -86,8 +96,10 @@ def images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0, 255, size=(n, 224, 224, 3)).astype("float32")
 
 
-def anchor(fp32_path: Path, out: Path, calibration: np.ndarray) -> Path:
-    """ONNX Runtime's quantize_static of the float file, as its docs recommend for x86."""
+def anchor(fp32_path: Path, out: Path, calibration: np.ndarray,
+           reduce_range: bool = False) -> Path:
+    """ONNX Runtime's quantize_static of the float file, as its docs recommend for x86
+    (``reduce_range``: 7-bit weights, exact on CPUs without VNNI too)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -102,13 +114,13 @@ def anchor(fp32_path: Path, out: Path, calibration: np.ndarray) -> Path:
 
     quantize_static(str(folded), str(out), Reader(), quant_format=QuantFormat.QDQ,
                     per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
+                    weight_type=QuantType.QInt8, reduce_range=reduce_range)
     return out
 
 
-def session(path: Path) -> ort.InferenceSession:
+def session(path: Path, options=None) -> ort.InferenceSession:
     # Threads that sleep between runs: spinning ones would take the CPU from the next file.
-    return ort.InferenceSession(str(path), default_session_options(),
+    return ort.InferenceSession(str(path), options or default_session_options(),
                                 providers=["CPUExecutionProvider"])
 
 
@@ -137,6 +149,8 @@ def prepare(name: str, workdir: Path) -> dict:
     paths = {"fp32": fp32.paths["onnx"], **{k: r.paths["onnx"] for k, r in exports.items()}}
     paths["ort quantize_static"] = anchor(paths["fp32"], workdir / f"{name}_anchor.onnx",
                                           calibration)
+    paths["ort quantize_static rr"] = anchor(paths["fp32"], workdir / f"{name}_anchor_rr.onnx",
+                                             calibration, reduce_range=True)
     print(f"[{name}] prepared in {time.perf_counter() - start:.0f} s", flush=True)
     info = {}
     for key, path in paths.items():
@@ -148,6 +162,11 @@ def prepare(name: str, workdir: Path) -> dict:
             "integer_ops": kernels["integer"], "compute_ops": kernels["total"],
             "cosine_vs_keras_qat": None if key == "fp32" else cosine(out, reference),
         }
+        if key != "fp32":
+            arithmetic = session(path, arithmetic_session_options())
+            plain = arithmetic.run(None, {arithmetic.get_inputs()[0].name: check})[0]
+            info[key]["portable"] = _cpu_int8.check(onnx.load(str(path))).portable
+            info[key]["kernel_gap"] = float(np.max(np.abs(out - plain)) / np.max(np.abs(plain)))
     return {"paths": paths, "info": info}
 
 
@@ -185,9 +204,11 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {','.join(MODELS)}")
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
-                               "cpu": platform.processor() or platform.machine(),
+                               "cpu": cpu_name(), "isa": _cpu_int8.instruction_set(),
                                "cores": os.cpu_count()},
                "models": {}}
+    print(f"CPU: {results['environment']['cpu']}, {results['environment']['isa']}, "
+          f"{os.cpu_count()} cores; onnxruntime {ort.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tfopt-cpu-int8-") as tmp:
         for name in args.models.split(","):
             prepared = prepare(name, Path(tmp))
@@ -199,28 +220,48 @@ def main() -> None:
                               for b, t in samples.items()},
                 # > 1: tfopt's default export is faster than ONNX Runtime's quantizer
                 "tfopt_vs_anchor": {str(b): paired_ratio(t, "ort quantize_static", "tfopt int8")
-                                    for b, t in samples.items()}}
+                                    for b, t in samples.items()},
+                "tfopt_vs_fair_anchor": {
+                    str(b): paired_ratio(t, "ort quantize_static rr", "tfopt int8")
+                    for b, t in samples.items()}}
             print_table(name, results["models"][name])
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def print_table(name: str, result: dict) -> None:
     files, ms = result["files"], result["median_ms"]
     print(f"\n{name}: median ms on ONNX Runtime CPU (x = speed-up over fp32)")
-    print(f"{'file':<22}{'batch 1':>16}{'batch 32':>18}{'int ops':>10}{'MB':>8}{'cosine':>9}")
+    print(f"{'file':<24}{'batch 1':>16}{'batch 32':>18}{'int ops':>10}{'MB':>8}{'cosine':>9}"
+          f"{'portable':>10}{'kernel gap':>12}")
     for key, info in files.items():
         cells = []
         for batch in ("1", "32"):
             value = ms[batch][key]
             cells.append(f"{value:9.2f} ({ms[batch]['fp32'] / value:4.2f}x)")
         cos = "" if info["cosine_vs_keras_qat"] is None else f"{info['cosine_vs_keras_qat']:.4f}"
-        print(f"{key:<22}{cells[0]:>16}{cells[1]:>18}"
-              f"{info['integer_ops']:>5}/{info['compute_ops']:<4}{info['size_mb']:>8.1f}{cos:>9}")
-    for batch, r in result["tfopt_vs_anchor"].items():
-        print(f"tfopt int8 speed over ort quantize_static, batch {batch}: {r['median']:.3f}x "
-              f"(median of {r['rounds']} paired rounds; quartiles {r['q1']:.3f}-{r['q3']:.3f})")
+        portable = "" if "portable" not in info else ("yes" if info["portable"] else "VNNI only")
+        gap = "" if "kernel_gap" not in info else f"{info['kernel_gap']:.2e}"
+        print(f"{key:<24}{cells[0]:>16}{cells[1]:>18}"
+              f"{info['integer_ops']:>5}/{info['compute_ops']:<4}{info['size_mb']:>8.1f}{cos:>9}"
+              f"{portable:>10}{gap:>12}")
+    for label, key in (("ort quantize_static", "tfopt_vs_anchor"),
+                       ("ort quantize_static rr (fair: portable)", "tfopt_vs_fair_anchor")):
+        for batch, r in result[key].items():
+            print(f"tfopt int8 speed over {label}, batch {batch}: {r['median']:.3f}x "
+                  f"(median of {r['rounds']} paired rounds; quartiles {r['q1']:.3f}-{r['q3']:.3f})")
     print(flush=True)
 
 

@@ -53,10 +53,23 @@ def _export_summary(path: Path) -> str:
         rows.append(f"  {fmt:<14}{info.get('path', '?'):<28}"
                     f"{'' if size is None else f'{size:,} bytes':>16}"
                     f"{'' if worst is None else f'  max |diff| {worst:.2e}'}")
+        portability = info.get("int8_portability")
+        if isinstance(portability, dict):
+            rows.append("    " + _portability_line(portability))
     sparsity = manifest.get("sparsity") or {}
     if sparsity:
         rows.append("sparsity: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in sparsity.items()))
     return "\n".join(rows)
+
+
+def _portability_line(portability: dict) -> str:
+    kernels = portability.get("integer_kernels", "?")
+    if portability.get("portable"):
+        return (f"int8: portable to every x86 CPU kind ({kernels} integer kernels, largest pair "
+                f"sum {portability.get('worst_pair_bound')} <= 32767)")
+    names = ", ".join(o.get("node", "?") for o in portability.get("offending", [])[:3])
+    return (f"int8: exact only on CPUs with {' or '.join(portability.get('requires', []))}: "
+            f"int16 pair sums can saturate without them ({names})")
 
 
 def _load_keras(path: Path):

@@ -22,6 +22,27 @@ def digits_cnn(keras_module=None, name: str = "digits_cnn"):
     return keras_module.Model(inputs, outputs, name=name)
 
 
+def digits_residual_cnn(filters: int = 32, name: str = "digits_residual_cnn"):
+    """A digits CNN with the patterns INT8 exports must get right (about 44k parameters
+    at ``filters=32``): BatchNormalization, a residual ``Add``, a ``SeparableConv2D`` and
+    ``Flatten -> Dense``, on 8x8x1 inputs."""
+    import keras
+
+    layers = keras.layers
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name="conv1")(inputs)
+    x = layers.BatchNormalization(name="conv1_bn")(x)
+    x = layers.ReLU(name="conv1_relu")(x)
+    y = layers.Conv2D(filters, 3, padding="same", activation="relu", name="conv2")(x)
+    x = layers.Add(name="residual")([x, y])
+    x = layers.SeparableConv2D(2 * filters, 3, padding="same", activation="relu",
+                               name="separable")(x)
+    x = layers.MaxPooling2D(name="pool")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(2 * filters, activation="relu", name="dense1")(x)
+    return keras.Model(inputs, layers.Dense(10, name="logits")(x), name=name)
+
+
 def compile_classifier(model, learning_rate: float = 1e-3):
     """Compile a logits classifier with Adam and sparse categorical cross-entropy."""
     import keras

@@ -24,7 +24,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tfopt.artifacts._runner import Runner, find_manifest, manifest_io, ordered
+from tfopt._warn import warn_user
+from tfopt.artifacts._runner import (Runner, find_manifest, manifest_io, ordered,
+                                     portability_warning)
 
 PRECISIONS = ("f32", "bf16")
 MODES = ("latency", "throughput")
@@ -152,6 +154,9 @@ def openvino_runner(path: Path, *, label: str = "openvino", precision: str = "f3
             f"OpenVINO bf16 needs a CPU with AVX512-BF16 or AMX-BF16; this one has "
             f"{cpu_features()['isa'] or 'neither'}. Use precision='f32'.")
     xml = model_path(path)
+    warning = portability_warning(xml)
+    if warning:
+        warn_user(warning)
     if inputs is None or outputs is None:
         spec_in, spec_out = manifest_io(find_manifest(xml))
         inputs = inputs or ([i["name"] for i in spec_in] if spec_in else None)

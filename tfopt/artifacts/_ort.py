@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from tfopt.artifacts._runner import Runner, find_manifest, manifest_io, ordered
+from tfopt._warn import warn_user
+from tfopt.artifacts._runner import (Runner, find_manifest, manifest_io, ordered,
+                                     portability_warning)
 
 
 def onnx_precision(path: Path) -> str:
@@ -89,6 +91,21 @@ def default_session_options():
     return options
 
 
+def arithmetic_session_options():
+    """:func:`default_session_options` with every graph optimization off.
+
+    ONNX Runtime then computes each QuantizeLinear/DequantizeLinear and the
+    float op between them as written, fusing nothing into integer kernels:
+    the Q/DQ arithmetic a file specifies, the same on every CPU. Beside a
+    default session it tells a wrong placement from a wrong kernel.
+    """
+    import onnxruntime as ort
+
+    options = default_session_options()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return options
+
+
 def session(path: Path, provider: str = "CPUExecutionProvider", cuda_options=None,
             session_options=None):
     """An InferenceSession on exactly ``provider`` (ONNX Runtime falls back silently).
@@ -121,6 +138,10 @@ def onnx_runners(path: Path, label: str = "onnx", providers: Optional[Sequence[s
     """
     path = Path(path)
     precision = onnx_precision(path)
+    if precision == "int8" and any(p.startswith("CPU") for p in (providers or ["CPU"])):
+        warning = portability_warning(path)
+        if warning:
+            warn_user(warning)
     if inputs is None or outputs is None:
         spec_in, spec_out = manifest_io(find_manifest(path))
         inputs = inputs or ([i["name"] for i in spec_in] if spec_in else None)

@@ -104,3 +104,28 @@ def manifest_io(manifest: Optional[dict]) -> tuple[Optional[list[dict]], Optiona
     inputs = [dict(i) for i in signature.get("inputs", [])]
     outputs = [o["name"] if isinstance(o, dict) else o for o in signature.get("outputs", [])]
     return inputs or None, outputs or None
+
+
+def portability_warning(path: Path) -> str:
+    """A warning for an INT8 artifact whose manifest says it needs VNNI or AMX, on a CPU
+    without either (``""`` otherwise).
+
+    A file exported with ``QuantizationConfig(portable_weights=False)`` has
+    weight pairs whose products can leave int16 on such CPUs, where ONNX
+    Runtime's and OpenVINO's integer kernels then saturate.
+    """
+    from tfopt.targets._cpu_int8 import cpu_sums_wide, instruction_set
+
+    manifest = find_manifest(Path(path)) or {}
+    if not manifest.get("quantized"):
+        return ""
+    needs = [a.get("int8_portability") for a in manifest.get("artifacts", {}).values()
+             if isinstance(a, dict) and isinstance(a.get("int8_portability"), dict)
+             and not a["int8_portability"].get("portable", True)]
+    if not needs or cpu_sums_wide() is not False:
+        return ""
+    return (f"{path} is an INT8 file exported with portable_weights=False: its integer "
+            f"kernels are exact only on CPUs with {' or '.join(needs[0]['requires'])}, and this "
+            f"CPU has none ({instruction_set()}); its outputs here are wrong where a pair of "
+            "products saturates int16. Export the QAT model with the default "
+            "QuantizationConfig(portable_weights=True) to serve it on this CPU.")

@@ -20,7 +20,8 @@ import tfopt
 from tfopt import _checks, _compat
 from tfopt._quiet import third_party_quiet
 from tfopt._warn import warn_user
-from tfopt.errors import ConfigError, ModelOutputsNaNError, NotAKerasModelError, TfoptError
+from tfopt.errors import (ConfigError, ExportValidationError, ModelOutputsNaNError,
+                          NotAKerasModelError, TfoptError)
 from tfopt.export import (
     _onnx, _ort_quant, _saved_model, _signature, _staging, _tensorrt, _tftrt, _triton,
 )
@@ -29,6 +30,7 @@ from tfopt.export._validate import (compare, int8_tolerances, quantization_steps
                                     widened)
 from tfopt.quantization._api import quant_wrappers
 from tfopt.quantization._wrapper import constant_weights
+from tfopt.targets import _cpu_int8
 
 logger = logging.getLogger(__name__)
 
@@ -485,14 +487,56 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
         artifact = built[fmt]
         errors = {}
         if artifact.run is not None:
+            limits = _tolerances(fmt, plan, built)
+            advice = None
+            if fmt == "onnx" and plan.quantized:
+                artifact.info["arithmetic_errors"], advice = _check_arithmetic(
+                    plan, artifact, limits)
             with third_party_quiet():
                 actual = artifact.run(plan.feed)
-            limits = _tolerances(fmt, plan, built)
             errors = {k: e.as_dict() for k, e in compare(
-                fmt, plan.reference, actual, limits).items()}
+                fmt, plan.reference, actual, limits, advice).items()}
         results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
                                       artifact.info))
     return results
+
+
+def _check_arithmetic(plan: ExportPlan, artifact: BuiltArtifact, limits) -> tuple[dict, str]:
+    """Validate an INT8 ONNX's Q/DQ arithmetic apart from this CPU's integer kernels.
+
+    ONNX Runtime runs the file once with graph optimizations off (each Q/DQ
+    computed in float, as written: the placement's arithmetic, the same on
+    every CPU) before validation runs it as served (Q/DQ fused into integer
+    kernels). A failure here is the placement's; one only in the second run
+    is the kernels' on this CPU. Returns the errors of this run, for the
+    manifest, and the advice for a failure of the second.
+    """
+    signature = plan.signature
+    run = _onnx_runner(artifact.path, signature, arithmetic=True)
+    with third_party_quiet():
+        actual = run(plan.feed)
+    errors = compare(
+        "onnx: its Q/DQ arithmetic (ONNX Runtime with graph optimizations off)",
+        plan.reference, actual, limits,
+        ("The file's Q/DQ graph computes something other than the QAT model before any "
+         "integer kernel runs: " + (
+             "a fault in converting the QAT graph (tf2onnx). Report it to tfopt with the "
+             "model's summary." if plan.placement == "tensorrt" else
+             "ONNX Runtime's placement re-rounded it. If the QAT model's activation ranges "
+             "clip (a short fine-tune), fine-tune longer; placement='tensorrt' writes the QAT "
+             "graph as converted; report it to tfopt with the model's summary.")))
+    worst = max((e.max_abs for e in errors.values()), default=0.0)
+    portability = artifact.info.get("int8_portability", {})
+    advice = (
+        f"Its Q/DQ arithmetic matches Keras (ONNX Runtime with graph optimizations off: max "
+        f"|diff| {worst:.3g}), so this CPU's integer kernels ({_cpu_int8.instruction_set()}) "
+        "compute something else"
+        + ("" if portability.get("portable", True) else
+           ", as the file's int8_portability check foresaw: its weights saturate int16 pair "
+           "sums on CPUs without VNNI. Quantize with portable_weights=True (the default)")
+        + ". Report it to tfopt with the manifest; placement='tensorrt' exports the QAT graph "
+        "as converted, without ONNX Runtime's rewrites.")
+    return {k: e.as_dict() for k, e in errors.items()}, advice
 
 
 def _check_formats(formats) -> tuple[str, ...]:
@@ -542,6 +586,8 @@ def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
     else its precision's. A ``tolerance=`` from the user replaces both.
     """
     precision = _validation_precision(fmt, plan.precision)
+    if plan.tolerance is None and plan.quantized and precision == "fp32":
+        return _qat_graph_tolerances(plan, built)
     if plan.tolerance is None and precision == "int8" \
             and fmt in ("onnx", "openvino", "tensorrt", "triton"):
         source = built[fmt] if built[fmt].steps else built.get("onnx")
@@ -552,6 +598,32 @@ def _tolerances(fmt: str, plan: ExportPlan, built: dict[str, BuiltArtifact]):
             return widened(relative_tolerances(plan.reference, "int8"),
                            source.steps["qdq_noise"])
     return relative_tolerances(plan.reference, precision, plan.tolerance)
+
+
+def _qat_graph_tolerances(plan: ExportPlan, built: dict[str, BuiltArtifact]):
+    """What a QAT model's SavedModel (or frozen graph) may differ from Keras by.
+
+    It runs Keras's own fake-quantization ops, but in another graph: a value
+    on a rounding tie now and then lands one step apart, and the deep graph
+    carries the flip on (a MobileNetV2 QAT model: 3.4% of the largest logit
+    on one sample, no prediction changed). So it is held to the INT8 bound
+    in quantization steps of each output (read from the converted ONNX when
+    the export builds one; else the relative int8 bound) and, for class
+    scores, to 99% argmax agreement with Keras.
+    """
+    onnx = built.get("onnx")
+    steps = (onnx.steps.get("qat_steps") or onnx.steps.get("qdq_steps")) if onnx else None
+    if steps is not None:
+        limits = int8_tolerances(steps, plan.reference, onnx.steps["qdq_noise"])
+    else:
+        limits = relative_tolerances(plan.reference, "int8")
+    return {name: dataclasses.replace(limit, min_argmax_agreement=QAT_ARGMAX_AGREEMENT,
+                                      basis=f"QAT graph, {limit.basis}")
+            for name, limit in limits.items()}
+
+
+# A QAT graph outside Keras (SavedModel, frozen graph) picks Keras's class on this share.
+QAT_ARGMAX_AGREEMENT = 0.99
 
 
 def _progress(formats):
@@ -582,12 +654,15 @@ def _saved_model_runner(path: Path, signature):
                                                    outputs=signature.outputs))
 
 
-def _onnx_runner(path: Path, signature):
-    from tfopt.artifacts._ort import onnx_runners
+def _onnx_runner(path: Path, signature, arithmetic: bool = False):
+    """ONNX Runtime's CPU provider on ``path``; ``arithmetic``: with graph optimizations
+    off (Q/DQ computed as written, no integer kernels)."""
+    from tfopt.artifacts._ort import arithmetic_session_options, onnx_runners
 
-    return _loaded_once(lambda: onnx_runners(path, providers=["CPUExecutionProvider"],
-                                             inputs=signature.input_names,
-                                             outputs=signature.outputs)[0])
+    return _loaded_once(lambda: onnx_runners(
+        path, providers=["CPUExecutionProvider"], inputs=signature.input_names,
+        outputs=signature.outputs,
+        session_options=arithmetic_session_options() if arithmetic else None)[0])
 
 
 def _loaded_once(make):
@@ -655,16 +730,52 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
             info["converted_errors"] = _check_converted(converted, steps, plan)
             proto = _ort_quant.quantize_for_cpu(proto, plan.signature.input_names, plan.feed)
             # ORT's own roundings: the file is held to the relative int8 bound, no
-            # tighter than the rounding noise the converted graph carries
-            steps = {"qdq_noise": steps["qdq_noise"]}
+            # tighter than the rounding noise the converted graph carries; the converted
+            # graph's steps still bound the QAT SavedModel (_qat_graph_tolerances)
+            steps = {"qdq_noise": steps["qdq_noise"], "qat_steps": steps["qdq_steps"]}
     if plan.precision == "fp16":
         proto = _onnx.to_fp16(proto, fp16_io=plan.fp16_io)
         info["io_dtypes"] = _onnx.io_dtypes(proto)
         info["edge_casts"] = _onnx.edge_casts(proto)
+    if plan.quantized:
+        info["int8_portability"] = _check_portability(proto, plan)
     _onnx.save(proto, path)
     if plan.quantized:
         info["ort_cpu_kernels"] = _kernel_report(path, plan.placement)
     return BuiltArtifact("onnx", path, _onnx_runner(path, plan.signature), info, steps)
+
+
+def _check_portability(proto, plan) -> dict:
+    """Prove that no integer kernel's pair sum can leave int16 on a CPU without VNNI.
+
+    Refuses an ONNX Runtime placement that fails the proof unless the QAT
+    model asked for full-range weights (``portable_weights=False``): then the
+    manifest records that the file needs VNNI or AMX, and one warning says so.
+    TensorRT's placement is for GPUs; its result is recorded only.
+    """
+    report = _cpu_int8.check(proto)
+    if report.portable or plan.placement != "onnxruntime":
+        return report.as_dict()
+    full_range = sorted({w.layer.name for w in quant_wrappers(plan.model)
+                         if not getattr(w.config, "portable_weights", True)})
+    if full_range:
+        warn_user(
+            f"The INT8 ONNX of {plan.model.name!r} is exact only on CPUs with VNNI or AMX "
+            f"({', '.join(_cpu_int8.WIDE_SUM_FLAGS)}): layers {', '.join(full_range[:5])}"
+            f"{' ...' if len(full_range) > 5 else ''} were quantized with "
+            "portable_weights=False, so on CPUs without them (AVX2, AVX-512 without VNNI) "
+            f"ONNX Runtime's and OpenVINO's integer kernels saturate at {report.describe(3)}. "
+            "The manifest records it (int8_portability.requires). Quantize with the default "
+            "QuantizationConfig(portable_weights=True) for a file that is right on every CPU.")
+        return report.as_dict()
+    raise ExportValidationError(
+        f"The INT8 ONNX of {plan.model.name!r} could compute wrong values on x86 CPUs without "
+        f"VNNI (AVX2, AVX-512 without VNNI), whose integer kernels add two u8 x s8 products "
+        f"in a saturating int16: {report.describe()}. Nothing was written. Weights within "
+        f"[-{_cpu_int8.PORTABLE_WEIGHT_MAX}, {_cpu_int8.PORTABLE_WEIGHT_MAX}] cannot overflow: "
+        "quantize with tfopt.quantize(model, 'int8') (portable_weights=True, the default) and "
+        "fine-tune again, or pass QuantizationConfig(portable_weights=False) to export a file "
+        "that is marked as needing VNNI or AMX.")
 
 
 def _check_converted(actual: dict, steps: dict, plan) -> dict:
@@ -703,6 +814,8 @@ def _build_openvino(plan, serve, path, built, stage) -> BuiltArtifact:
     ov_runtime.import_openvino()  # a clear error before any work
     info = _openvino.convert(built["onnx"].path, path,
                              compress_to_fp16=plan.precision == "fp16")
+    if "int8_portability" in built["onnx"].info:  # the same int8 weights, read by oneDNN
+        info["int8_portability"] = built["onnx"].info["int8_portability"]
     signature = plan.signature
 
     def runner(inference_precision):

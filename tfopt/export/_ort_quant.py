@@ -55,6 +55,7 @@ from typing import Sequence
 import numpy as np
 
 from tfopt.errors import BackendUnavailableError
+from tfopt.targets._cpu_int8 import PORTABLE_WEIGHT_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +109,9 @@ class QatGraph:
     # tensor -> the nodes that read it rounded (through its DQ) in the QAT graph; the
     # tensor's other readers (a residual branch) read it unrounded, as in Keras
     rounded_readers: dict = dataclasses.field(default_factory=dict)
+    # the largest |int8 weight| QAT trained: within PORTABLE_WEIGHT_MAX, the file is
+    # written on ONNX Runtime's reduce_range grid, which is QAT's then
+    largest_weight: int = 127
 
 
 def dequantize(proto) -> QatGraph:
@@ -148,6 +152,7 @@ def dequantize(proto) -> QatGraph:
     weights = []
     per_channel = False
     per_tensor = set()
+    largest = 0
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
@@ -155,6 +160,7 @@ def dequantize(proto) -> QatGraph:
         quantize = producers.get(source)
         if source in initializers:  # an int8 weight
             quantized = array(source).astype(np.float32)
+            largest = max(largest, int(np.max(np.abs(quantized), initial=0)))  # zero point 0
             scale, zero = fake_quantized(quantized, node)
             value = (quantized - zero) * scale
         elif quantize is not None and quantize.op_type == "QuantizeLinear" \
@@ -162,7 +168,9 @@ def dequantize(proto) -> QatGraph:
             weight = array(quantize.input[0]).astype(np.float32)
             scale, zero = fake_quantized(weight, quantize)
             info = np.iinfo(array(quantize.input[2]).dtype)
-            value = (np.clip(np.rint(weight / scale) + zero, info.min, info.max) - zero) * scale
+            levels = np.clip(np.rint(weight / scale) + zero, info.min, info.max) - zero
+            largest = max(largest, int(np.max(np.abs(levels), initial=0)))
+            value = levels * scale
             removed.add(id(quantize))
         else:  # an activation: its Q is handled below
             # The int8 tensor may come out of ops tf2onnx moved between Q and DQ (a
@@ -211,7 +219,7 @@ def dequantize(proto) -> QatGraph:
     _transpose_before_pad(graph, ranges)
     _pad_into_max_pool(graph, ranges)
     return QatGraph(proto, ranges, per_channel, frozenset(per_tensor),
-                    {k: frozenset(v) for k, v in rounded_readers.items()})
+                    {k: frozenset(v) for k, v in rounded_readers.items()}, largest)
 
 
 class _GraphIndex:
@@ -784,20 +792,25 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
             onnx.save(folded, str(source), save_as_external_data=True,
                       location="rewritten.onnx.data")
         del folded  # quantize_static reads it from its file
+        # QAT's weight grid: [-64, 64] (portable across CPU kinds) is ONNX Runtime's
+        # reduce_range grid for int8, [-127, 127] its symmetric one; the largest weight
+        # of each channel lands on the grid's end both ways, so the values stay QAT's.
+        reduce_range = qat.largest_weight <= PORTABLE_WEIGHT_MAX
         quantize_static(
             str(source), str(tmp / "int8.onnx"),
             _Batches(input_names, arrays, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            op_types_to_quantize=_QUANTIZABLE_OPS,
+            reduce_range=reduce_range, op_types_to_quantize=_QUANTIZABLE_OPS,
             nodes_to_exclude=in_float,
             extra_options={
                 "TensorQuantOverrides": {
                     **grids,
-                    # per tensor, as QAT quantized them; max/127 of the fake-quantized
-                    # values is QAT's own scale, so the int8 values are QAT's too
-                    **{w: [{"symmetric": True}] for w in per_tensor if w in weight_names}},
-                "WeightSymmetric": True,  # [-127, 127] per channel: QAT's weight grid
+                    # per tensor, as QAT quantized them; max/64 (max/127) of the
+                    # fake-quantized values is QAT's own scale, so the values stay QAT's
+                    **{w: [{"symmetric": True, "reduce_range": reduce_range}]
+                       for w in per_tensor if w in weight_names}},
+                "WeightSymmetric": True,  # symmetric per channel: QAT's weight grid
                 "QDQDisableWeightAdjustForInt32Bias": True,  # keep that grid
                 "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1, "Gemm": 0},
             })

@@ -55,6 +55,9 @@ class Tolerance:
     max_abs: float
     mean_abs: Optional[float] = None
     basis: str = ""
+    # For a classifier's output (batch x classes): the least fraction of rows whose
+    # argmax must equal Keras's (``None``: not checked).
+    min_argmax_agreement: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,8 @@ class OutputError:
     mean_abs: float = 0.0
     mean_tolerance: Optional[float] = None  # the mean_abs allowed, if checked
     basis: str = ""
+    # the fraction of rows whose argmax equals Keras's, for outputs shaped (batch, classes)
+    argmax_agreement: Optional[float] = None
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -169,12 +174,19 @@ def widened(tolerances: Mapping[str, Tolerance], noise: Mapping[str, Mapping[str
 
 
 def run_graph(proto, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Every output of an in-memory ONNX graph on ``feed``, by ONNX Runtime's CPU provider."""
+    """Every output of an in-memory ONNX graph on ``feed``, as its Q/DQ arithmetic specifies.
+
+    ONNX Runtime's CPU provider runs it with graph optimizations off
+    (:func:`tfopt.artifacts._ort.arithmetic_session_options`): no Q/DQ pair is
+    fused into an integer kernel, so the result is the graph's own and the
+    same on every CPU, whatever its kernels do with int16 sums.
+    """
     import onnxruntime
 
-    from tfopt.artifacts._ort import default_session_options
+    from tfopt.artifacts._ort import arithmetic_session_options
 
-    session = onnxruntime.InferenceSession(proto.SerializeToString(), default_session_options(),
+    session = onnxruntime.InferenceSession(proto.SerializeToString(),
+                                           arithmetic_session_options(),
                                            providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feed))))
@@ -221,7 +233,8 @@ def rounding_noise(proto, feed: Mapping[str, np.ndarray], relative: float = 1e-5
 
 
 def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, np.ndarray],
-            tolerances: Mapping[str, Tolerance]) -> dict[str, OutputError]:
+            tolerances: Mapping[str, Tolerance], advice: Optional[str] = None
+            ) -> dict[str, OutputError]:
     """Errors per output; raise one ExportValidationError naming every output that drifts.
 
     Args:
@@ -230,6 +243,8 @@ def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, n
         actual: ``{output: artifact values}``.
         tolerances: ``{output: Tolerance}``, e.g. from :func:`relative_tolerances`
             or :func:`int8_tolerances`.
+        advice: What the error tells the user to do (default: check the inputs,
+            or pass a larger ``tolerance=``).
     """
     errors, problems = {}, []
     for name, ref in reference.items():
@@ -248,11 +263,17 @@ def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, n
         mean_abs = float(np.mean(diff)) if ref.size else 0.0
         if not np.isfinite(max_abs):
             max_abs = mean_abs = float("inf")
+        agreement = argmax_agreement(ref, got)
         errors[name] = OutputError(max_abs, max_abs / max(scale, 1e-12), tolerance.max_abs,
-                                   mean_abs, tolerance.mean_abs, tolerance.basis)
+                                   mean_abs, tolerance.mean_abs, tolerance.basis, agreement)
         bad = int(np.sum(~np.isfinite(got)))
         if bad and np.all(np.isfinite(ref)):
             what = f"outputs NaN or infinity in {bad} of {got.size} values where Keras does not"
+        elif tolerance.min_argmax_agreement is not None and agreement is not None \
+                and agreement < tolerance.min_argmax_agreement:
+            what = (f"picks another class than the Keras model on {1 - agreement:.1%} of the "
+                    f"{len(ref)} inputs (argmax agreement {agreement:.2%}, at least "
+                    f"{tolerance.min_argmax_agreement:.0%} required)")
         elif not max_abs <= tolerance.max_abs:
             what = (f"differs from the Keras model by up to {max_abs:.3g} "
                     f"({max_abs / max(scale, 1e-12):.2e} of its largest value {scale:.3g}), "
@@ -265,9 +286,18 @@ def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, n
         problems.append(f"output {name!r} {what} ({tolerance.basis})")
     if problems:
         raise ExportValidationError(
-            f"{artifact}: " + "; ".join(problems) + ". Nothing was written. Check the "
-            "inputs, or pass a larger tolerance= if this precision loss is expected.")
+            f"{artifact}: " + "; ".join(problems) + ". Nothing was written. " + (
+                advice or "Check the inputs, or pass a larger tolerance= if this precision "
+                "loss is expected."))
     return errors
+
+
+def argmax_agreement(reference: np.ndarray, actual: np.ndarray) -> Optional[float]:
+    """The fraction of rows whose largest entry is at the same place (``None`` unless the
+    output is a batch of class scores, shaped ``(batch, classes)`` with 2 or more classes)."""
+    if reference.ndim != 2 or reference.shape[1] < 2 or not len(reference):
+        return None
+    return float(np.mean(np.argmax(reference, axis=1) == np.argmax(actual, axis=1)))
 
 
 def _largest(values) -> float:

@@ -7,6 +7,7 @@ import numbers
 from typing import Optional, Union
 
 from tfopt.errors import ConfigError
+from tfopt.targets._cpu_int8 import PORTABLE_WEIGHT_MAX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -15,8 +16,10 @@ class QuantizationConfig:
 
     The defaults follow TensorRT's explicit-quantization rules, so the
     exported ONNX carries Q/DQ pairs that TensorRT builds INT8 kernels from:
-    symmetric int8 everywhere (zero points 0), weights per output channel in
-    the narrow range [-127, 127], activations per tensor.
+    symmetric int8 everywhere (zero points 0), weights per output channel,
+    activations per tensor. Weights stay on ``[-64, 64]`` so that the CPU
+    export computes the same integers on every x86 CPU (see
+    ``portable_weights``).
 
     Args:
         weight_bits: Bits for weights (2-8; ONNX Q/DQ export needs 8).
@@ -32,6 +35,14 @@ class QuantizationConfig:
             NVIDIA's placement guidance recommends, so TensorRT fuses the add.
         preserve_sparsity: Keep weights that are exactly zero at zero during
             QAT, so that a pruned model stays pruned.
+        portable_weights: Keep int8 weights on ``[-64, 64]`` (ONNX Runtime's
+            ``reduce_range`` grid). x86 CPUs without VNNI (AVX2, AVX-512
+            without VNNI) add two u8 x s8 products in a saturating int16; with
+            these weights no pair can leave it, so the INT8 file computes the
+            same on every CPU, and the export proves it. ``False`` uses
+            ``[-127, 127]``: one more bit of weight precision, but the CPU
+            INT8 file is then right only on CPUs with VNNI or AMX, and its
+            manifest says so.
 
     Example:
         >>> config = tfopt.QuantizationConfig(freeze_activation_ranges_after=500)
@@ -46,6 +57,7 @@ class QuantizationConfig:
     freeze_activation_ranges_after: Optional[int] = None
     quantize_residual_adds: bool = True
     preserve_sparsity: bool = True
+    portable_weights: bool = True
 
     def __post_init__(self):
         for name in ("weight_bits", "activation_bits"):
@@ -63,7 +75,7 @@ class QuantizationConfig:
                 f"({type(decay).__name__}); the default is 0.999."
             )
         for name in ("per_channel_weights", "narrow_range_weights", "quantize_residual_adds",
-                     "preserve_sparsity"):
+                     "preserve_sparsity", "portable_weights"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be True or False, got {value!r} "
@@ -76,11 +88,20 @@ class QuantizationConfig:
                 f"got {freeze!r}."
             )
 
+    @property
+    def weight_max_level(self) -> int:
+        """The largest int8 weight magnitude QAT trains (64 when portable)."""
+        level = 2 ** (self.weight_bits - 1) - 1
+        return min(level, PORTABLE_WEIGHT_MAX) if self.portable_weights else level
+
     def get_config(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_config(cls, config: dict) -> "QuantizationConfig":
+        config = dict(config)
+        # Saved before portable weights existed: those models trained on [-127, 127].
+        config.setdefault("portable_weights", False)
         return cls(**config)
 
 

@@ -43,15 +43,26 @@ def weight_amax(weight: tf.Tensor, channel_axis: Optional[int]) -> tf.Tensor:
 
 
 def fake_quant_weight(weight: tf.Tensor, channel_axis: Optional[int], bits: int,
-                      narrow_range: bool, amax: Optional[tf.Tensor] = None) -> tf.Tensor:
+                      narrow_range: bool, amax: Optional[tf.Tensor] = None,
+                      max_level: Optional[int] = None) -> tf.Tensor:
     """Symmetric fake quantization of a weight, per channel along ``channel_axis``.
 
     ``channel_axis=None`` quantizes per tensor. Zero stays exactly zero.
     ``amax`` is :func:`weight_amax` of ``weight``, computed here if not given.
+    ``max_level``: the largest integer a weight may take, below the type's own
+    (64 for weights that are portable across CPU kinds, see
+    :mod:`tfopt.targets._cpu_int8`). The op still quantizes to ``bits`` in the
+    narrow range; the range handed to it is widened so that ``amax`` lands on
+    ``max_level``: the step is ``amax / max_level``, and tf2onnx writes the
+    same int8 Q/DQ, with values within ``[-max_level, max_level]``.
     """
     if amax is None:
         amax = weight_amax(weight, channel_axis)
     axis = -1 if channel_axis is None else channel_axis % weight.shape.rank
+    type_level = 2 ** (bits - 1) - 1
+    if max_level is not None and max_level < type_level:
+        amax = amax * (type_level / max_level)
+        narrow_range = True  # a symmetric grid: [-type_level, type_level] * amax / type_level
     return tf.raw_ops.QuantizeAndDequantizeV3(
         input=weight, input_min=-amax, input_max=amax, num_bits=bits,
         signed_input=True, range_given=True, narrow_range=narrow_range, axis=axis,

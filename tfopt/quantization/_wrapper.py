@@ -132,7 +132,8 @@ class QuantizeWrapper(_ActivationQuantizer):
             else:
                 value, amax = self._masked(i), None
             result.append((variable, fake_quant_weight(
-                value, axis, self.config.weight_bits, self.config.narrow_range_weights, amax)))
+                value, axis, self.config.weight_bits, self.config.narrow_range_weights, amax,
+                max_level=self.config.weight_max_level)))
         return result
 
     def _masked(self, i: int) -> tf.Tensor:
