@@ -20,6 +20,7 @@ logit difference from it (also as a share of the largest logit), beside the
 export's static proof (``int8_portability``).
 
 Usage: python benchmarks/cpu_kinds.py [--seed 0] [--json benchmarks/results/cpu_kinds.json]
+       [--keep DIR]   (keeps the files, for benchmarks/cpu_kinds_run.py on another machine)
 """
 
 from __future__ import annotations
@@ -83,6 +84,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--qat-epochs", type=int, default=4)
     parser.add_argument("--json", default="benchmarks/results/cpu_kinds.json")
+    parser.add_argument("--keep", default=None,
+                        help="a folder to keep the two ONNX files and the test images in "
+                             "(to run them on another machine)")
     args = parser.parse_args()
 
     emulated = "Haswell" if shutil.which("qemu-x86_64") else None
@@ -113,6 +117,12 @@ def main() -> None:
                                       validation_data=x_test,
                                       tolerance=None if portable else 1.0)
             path = result.paths["onnx"]
+            if args.keep:
+                keep = Path(args.keep)
+                keep.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, keep / f"digits_{'portable' if portable else 'full'}.onnx")
+                np.save(keep / "digits_x_test.npy", x_test)
+                np.save(keep / f"digits_{'portable' if portable else 'full'}_qat.npy", reference)
             runs = [row("Q/DQ arithmetic (optimizations off)", logits(path, x_test, False),
                         reference, y_test),
                     row("integer kernels, this CPU", logits(path, x_test, True),

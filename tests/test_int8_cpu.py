@@ -147,6 +147,17 @@ def dense_block():
     return keras.Model(inputs, head(x))
 
 
+def preactivation_after_pooling():
+    """ResNetV2's stem: a max pooling, then the first block's pre-activation
+    BatchNormalization and ReLU (no convolution before the BatchNorm to fold into)."""
+    inputs = keras.Input((8, 8, 3), name="image")
+    x = conv_bn(inputs, 8, "stem", activation="relu")
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Activation("relu")(layers.BatchNormalization(name="preact_bn")(x))
+    x = conv_bn(x, 8, "block", kernel=1, activation="relu")
+    return keras.Model(inputs, head(x))
+
+
 def convnext_block():
     """ConvNeXt's block: a 7x7 depthwise convolution into a LayerNormalization (float by
     design), then a pointwise MLP."""
@@ -181,6 +192,12 @@ RULES = {
     # kernel: into a Concatenate, into a LayerNormalization
     "convolution into a concatenation": (dense_block, {"Conv"}, {"QLinearConv"}),
     "convolution into a layer normalization": (convnext_block, {"Conv"}, {"QLinearConv"}),
+    # a BatchNorm with no convolution before it runs as a depthwise 1x1 integer convolution,
+    # so the concatenation before it and the ReLU after it are integer too
+    "batchnorm after a concatenation": (dense_block, {"Mul", "Add", "Concat", "Relu"},
+                                        {"QLinearConcat", "QLinearConv"}),
+    "batchnorm after a pooling": (preactivation_after_pooling, {"Mul", "Add", "Relu"},
+                                  {"QLinearConv"}),
     "dense": (dense_mlp, {"MatMul", "Gemm", "Relu"}, set()),
     # the head, whose float output no Conv kernel could write, runs as a matrix product
     "1x1 convolution head": (pointwise_head, {"Conv"}, {"QLinearConv", "MatMulIntegerToFloat"}),
@@ -411,6 +428,23 @@ def test_batchnorm_folding_keeps_the_int8_weights_qat_trained(tmp_path):
     # Negative BN scales were there to be folded.
     gammas = [la.gamma.numpy() for la in qat.layers if isinstance(la, layers.BatchNormalization)]
     assert any((g < 0).any() for g in gammas)
+
+
+def test_a_batchnorm_without_a_convolution_becomes_its_own_factors_on_the_weight_grid(tmp_path):
+    """Each channel's depthwise weight dequantizes to BatchNorm's factor, exactly: one value
+    per channel lands on the end of the portable grid."""
+    qat, x = qat_of(dense_block)
+    result = tfopt.export(qat, tmp_path, formats=("onnx",), validation_data=x)
+    proto = onnx.load(str(result.paths["onnx"]))
+    values = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    (dq,) = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+             and n.input[0].endswith("_tfopt_depthwise_weight_quantized")]
+    weight, scale = values[dq.input[0]], values[dq.input[1]]
+    assert np.array_equal(np.abs(weight.ravel()), np.full(weight.size, 64))
+    bn = qat.get_layer("concat_bn")
+    factor = bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    np.testing.assert_allclose(weight.ravel() * scale, factor, rtol=1e-6)
+    assert result.manifest["artifacts"]["onnx"]["int8_portability"]["portable"]
 
 
 def assert_tensorrt_explicit_quantization(proto):

@@ -405,6 +405,92 @@ def _constant_reshape_targets(graph, ranges: dict[str, float]) -> int:
     return changed
 
 
+# Ops whose output a per-channel affine (a BatchNormalization with no convolution
+# before it) may follow, and that ONNX Runtime runs on uint8: DenseNet's
+# concatenations, the pooling before ResNetV2's pre-activation BatchNorm.
+_AFFINE_SOURCES = {"Concat", "MaxPool", "AveragePool"}
+
+
+def _channel_affines_as_depthwise(graph, ranges: dict[str, float]) -> set[str]:
+    """A per-channel ``Mul`` (and ``Add``) after a concatenation or a pooling becomes a
+    depthwise 1x1 convolution.
+
+    That is a BatchNormalization with no convolution before it to fold into
+    (DenseNet's after each concatenation). tf2onnx writes it as ``x * a +
+    b`` with per-channel constants, which ONNX Runtime runs in float, with a
+    Transpose back to NCHW around it and the concatenation in float too. As
+    a depthwise convolution (weight ``a``, bias ``b``) it is an integer
+    kernel: each channel's factor is its own per-channel int8 weight, exact
+    on the grid (one value per channel lands on the grid's end), the
+    concatenation before it runs as ``QLinearConcat`` and a ReLU after it is
+    absorbed. Only the concatenation's output gets a rounding the QAT model
+    does not have (calibrated, as the convolution outputs that join it are).
+
+    Returns the inputs of the new convolutions: tensors to be calibrated,
+    where the rest of the placement quantizes only tensors QAT trained a
+    range for.
+    """
+    from onnx import helper, numpy_helper
+
+    initializers = {i.name: i for i in graph.initializer}
+    producers = {o: n for n in graph.node for o in n.output}
+    consumers = collections.defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    outputs = {o.name for o in graph.output}
+    shapes = _inferred_shapes(graph)
+
+    def per_channel(name: str, channels: int):
+        if name not in initializers:
+            return None
+        value = numpy_helper.to_array(initializers[name])
+        if value.ndim not in (3, 4) or value.size != channels \
+                or value.shape[-3] != channels:  # (C, 1, 1) or (1, C, 1, 1): NCHW's axis 1
+            return None
+        return value.reshape(channels).astype(np.float32)
+
+    replaced, calibrated, nodes = {}, set(), []
+    for node in graph.node:
+        if node.op_type != "Mul" or id(node) in replaced:
+            continue
+        x = next((i for i in node.input if i not in initializers), None)
+        shape = shapes.get(x)
+        source = producers.get(x)
+        if x is None or source is None or source.op_type not in _AFFINE_SOURCES \
+                or shape is None or len(shape) != 4 or shape[1] is None:
+            continue
+        channels = shape[1]
+        factor = per_channel(next(i for i in node.input if i != x), channels)
+        if factor is None or not np.all(factor != 0) or node.output[0] in outputs:
+            continue
+        bias, last = np.zeros(channels, np.float32), node
+        readers = consumers[node.output[0]]
+        if len(readers) == 1 and readers[0].op_type == "Add":
+            offset = next((per_channel(i, channels) for i in readers[0].input
+                           if i != node.output[0]), None)
+            if offset is not None:
+                bias, last = offset, readers[0]
+        name = f"{node.output[0]}_tfopt_depthwise"
+        graph.initializer.extend([
+            numpy_helper.from_array(factor.reshape(channels, 1, 1, 1), f"{name}_weight"),
+            numpy_helper.from_array(bias, f"{name}_bias")])
+        conv = helper.make_node("Conv", [x, f"{name}_weight", f"{name}_bias"], [last.output[0]],
+                                name=name, group=channels, kernel_shape=[1, 1])
+        replaced[id(node)] = conv
+        replaced[id(last)] = None if last is not node else conv
+        calibrated.add(x)
+    if not calibrated:
+        return calibrated
+    for node in graph.node:
+        if id(node) not in replaced:
+            nodes.append(node)
+        elif replaced[id(node)] is not None:
+            nodes.append(replaced[id(node)])
+    _set_nodes(graph, nodes)
+    return calibrated
+
+
 def _names_read(node) -> set[str]:
     """The tensors a node reads, its subgraphs' (If, Loop) included."""
     read = set(node.input) - {""}
@@ -601,7 +687,8 @@ def _overrides(proto, ranges: dict[str, float]) -> dict:
             for tensor, (step, zero) in params.items()}
 
 
-def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
+def _nodes_left_in_float(proto, ranges: dict[str, float],
+                         calibrated: frozenset = frozenset()) -> list[str]:
     """The nodes ONNX Runtime's quantizer must leave in float, as the QAT model computes them.
 
     * Convolutions and matrix products QAT left in float: their activation
@@ -622,6 +709,9 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
       output quantized either way). A chain after tensors QAT quantized
       (ResNet50V2's BatchNormalization after a residual sum) buys no kernel
       and stays float.
+
+    ``calibrated``: inputs of convolutions the placement added
+    (:func:`_channel_affines_as_depthwise`), quantized with a calibrated range.
     """
     initializers = {i.name for i in proto.graph.initializer}
     consumers = collections.defaultdict(list)
@@ -631,7 +721,8 @@ def _nodes_left_in_float(proto, ranges: dict[str, float]) -> list[str]:
 
     def integer_compute(node) -> bool:
         return node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
-            and node.input[0] in ranges and any(i in initializers for i in node.input[1:2])
+            and (node.input[0] in ranges or node.input[0] in calibrated) \
+            and any(i in initializers for i in node.input[1:2])
 
     def feeds_integer(tensor, seen, chains=False) -> bool:
         """Whether ``tensor`` reaches an integer kernel's input, through value-preserving
@@ -776,6 +867,7 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         lost = sorted(set(qat.ranges) - set(ranges))
         targets = _constant_reshape_targets(folded.graph, ranges)
         matrices = _pointwise_head_as_matmul(folded.graph, ranges)
+        affines = _channel_affines_as_depthwise(folded.graph, ranges)
         per_tensor = set(qat.per_tensor_weights) | {
             matrices[w] for w in qat.per_tensor_weights if w in matrices}
         if lost:
@@ -783,9 +875,9 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
                         "those tensors are calibrated instead: %s", len(lost), lost[:5])
         grids = _overrides(folded, ranges)
         weight_names = {i.name for i in folded.graph.initializer}
-        in_float = _nodes_left_in_float(folded, ranges)
+        in_float = _nodes_left_in_float(folded, ranges, frozenset(affines))
         source = tmp / "folded.onnx"
-        if targets or matrices:
+        if targets or matrices or affines:
             # A new file (onnx appends to an existing .data); saving moves the weights
             # out of ``folded``, so it comes after everything that reads them.
             source = tmp / "rewritten.onnx"
