@@ -342,3 +342,20 @@ def test_qat_saved_model_is_held_to_a_step_bound_and_argmax_agreement(
     error = result.errors["saved_model"]["logits"]
     assert "int8" in error["basis"]
     assert error["argmax_agreement"] == 1.0
+
+
+def test_argmax_gate_counts_only_rows_whose_top_two_scores_are_apart():
+    from tfopt.export._validate import Tolerance, compare
+
+    reference = np.array([[1.0, 0.99, 0.0], [5.0, 0.0, 0.0], [0.0, 4.0, 0.0]] * 40)
+    limits = {"logits": Tolerance(3.0, None, "test", min_argmax_agreement=0.99)}
+    # near ties (0.01 apart) flipped by a small error: reported, not refused
+    near_ties = reference + np.array([0.0, 0.02, 0.0])
+    result = compare("saved_model", {"logits": reference}, {"logits": near_ties}, limits)
+    assert result["logits"].argmax_agreement == pytest.approx(2 / 3)
+    # rows 5 apart changed to another class, every value still within the max tolerance
+    decisive = reference.copy()
+    decisive[1::3] = [2.6, 0.0, 2.9]
+    assert np.max(np.abs(decisive - reference)) <= 3.0
+    with pytest.raises(errors.ExportValidationError, match="picks another class"):
+        compare("saved_model", {"logits": reference}, {"logits": decisive}, limits)

@@ -609,7 +609,8 @@ def _qat_graph_tolerances(plan: ExportPlan, built: dict[str, BuiltArtifact]):
     on one sample, no prediction changed). So it is held to the INT8 bound
     in quantization steps of each output (read from the converted ONNX when
     the export builds one; else the relative int8 bound) and, for class
-    scores, to 99% argmax agreement with Keras.
+    scores, to 99% argmax agreement with Keras on the inputs whose top two
+    scores are further apart than that bound (nearer ones may flip within it).
     """
     onnx = built.get("onnx")
     steps = (onnx.steps.get("qat_steps") or onnx.steps.get("qdq_steps")) if onnx else None
