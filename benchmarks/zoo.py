@@ -229,6 +229,9 @@ CHANGES = {
        "SeparableConv's inner tensor quantized in QAT (Xception ran 7 of 75 integer "
        "kernels), 1x1 convolution heads run as matrix products, the INT8 column "
        "counting integer kernels",
+    7: "portable INT8: QAT weights on [-64, 64] with the export's int16 proof, INT8 "
+       "files validated with ONNX Runtime's optimizations off and on, a BatchNorm with "
+       "no convolution before it run as a depthwise integer convolution",
 }
 ZOO_VERSION = max(CHANGES)
 
