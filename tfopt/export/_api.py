@@ -511,8 +511,7 @@ def _check_arithmetic(plan: ExportPlan, artifact: BuiltArtifact, limits) -> tupl
     is the kernels' on this CPU. Returns the errors of this run, for the
     manifest, and the advice for a failure of the second.
     """
-    signature = plan.signature
-    run = _onnx_runner(artifact.path, signature, arithmetic=True)
+    run = _onnx_runner(artifact.path, plan.signature, arithmetic=True)
     with third_party_quiet():
         actual = run(plan.feed)
     errors = compare(

@@ -411,7 +411,7 @@ def _constant_reshape_targets(graph, ranges: dict[str, float]) -> int:
 _AFFINE_SOURCES = {"Concat", "MaxPool", "AveragePool"}
 
 
-def _channel_affines_as_depthwise(graph, ranges: dict[str, float]) -> set[str]:
+def _channel_affines_as_depthwise(graph) -> set[str]:
     """A per-channel ``Mul`` (and ``Add``) after a concatenation or a pooling becomes a
     depthwise 1x1 convolution.
 
@@ -867,7 +867,7 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         lost = sorted(set(qat.ranges) - set(ranges))
         targets = _constant_reshape_targets(folded.graph, ranges)
         matrices = _pointwise_head_as_matmul(folded.graph, ranges)
-        affines = _channel_affines_as_depthwise(folded.graph, ranges)
+        affines = _channel_affines_as_depthwise(folded.graph)
         per_tensor = set(qat.per_tensor_weights) | {
             matrices[w] for w in qat.per_tensor_weights if w in matrices}
         if lost:

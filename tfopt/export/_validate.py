@@ -264,15 +264,15 @@ def compare(artifact: str, reference: dict[str, np.ndarray], actual: dict[str, n
         if not np.isfinite(max_abs):
             max_abs = mean_abs = float("inf")
         agreement = argmax_agreement(ref, got)
+        decisive = (_decisive_agreement(ref, got, tolerance.max_abs)
+                    if tolerance.min_argmax_agreement is not None and agreement is not None
+                    else None)
         errors[name] = OutputError(max_abs, max_abs / max(scale, 1e-12), tolerance.max_abs,
                                    mean_abs, tolerance.mean_abs, tolerance.basis, agreement)
         bad = int(np.sum(~np.isfinite(got)))
         if bad and np.all(np.isfinite(ref)):
             what = f"outputs NaN or infinity in {bad} of {got.size} values where Keras does not"
-        elif tolerance.min_argmax_agreement is not None and agreement is not None \
-                and _decisive_agreement(ref, got, tolerance.max_abs) \
-                < tolerance.min_argmax_agreement:
-            decisive = _decisive_agreement(ref, got, tolerance.max_abs)
+        elif decisive is not None and decisive < tolerance.min_argmax_agreement:
             what = (f"picks another class than the Keras model on {1 - decisive:.1%} of the "
                     f"inputs where Keras's top two scores are more than the tolerance "
                     f"{tolerance.max_abs:.3g} apart (at least "
