@@ -229,6 +229,10 @@ class _GraphIndex:
         self.initializers = {i.name: i for i in graph.initializer}
         self.producers = {o: n for n in graph.node for o in n.output}
         self.readers = collections.Counter(i for n in graph.node for i in n.input)
+        self.consumers = collections.defaultdict(list)  # tensor -> the nodes that read it
+        for node in graph.node:
+            for name in node.input:
+                self.consumers[name].append(node)
         self.outputs = {o.name for o in graph.output}
 
     def lone_constant_pad(self, name: str):
@@ -432,13 +436,9 @@ def _channel_affines_as_depthwise(graph) -> set[str]:
     """
     from onnx import helper, numpy_helper
 
-    initializers = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    outputs = {o.name for o in graph.output}
+    index = _GraphIndex(graph)
+    initializers, producers = index.initializers, index.producers
+    consumers, outputs = index.consumers, index.outputs
     shapes = _inferred_shapes(graph)
 
     def per_channel(name: str, channels: int):
@@ -625,12 +625,8 @@ def _dequantize_gathered_tables(graph) -> None:
     """
     from onnx import numpy_helper
 
-    initializers = {i.name: i for i in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers = collections.defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
+    index = _GraphIndex(graph)
+    initializers, producers, consumers = index.initializers, index.producers, index.consumers
     for dq in graph.node:
         if dq.op_type != "DequantizeLinear" or dq.input[1] not in initializers:
             continue
