@@ -15,9 +15,8 @@ from tfopt import bench, callbacks, datasets, errors, examples
 from tfopt.export import ExportResult, export
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
+from tfopt._version import __version__
 from tfopt.strip import strip
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ConstantSparsity",

@@ -47,6 +47,16 @@ def find(root: keras.layers.Layer, predicate: Callable[[keras.layers.Layer], boo
     return [layer for _, layer in walk(root, stop=predicate) if predicate(layer)]
 
 
+# What a tfopt wrapper class does, in its ``_tfopt_role`` class attribute: pruning and
+# quantization recognize each other's wrappers by it, without importing each other.
+PRUNING, QUANTIZATION = "pruning", "quantization"
+
+
+def carries(model: keras.layers.Layer, role: str) -> bool:
+    """Whether any layer below ``model`` is a tfopt wrapper of ``role``."""
+    return bool(find(model, lambda layer: getattr(layer, "_tfopt_role", None) == role))
+
+
 def lookup(table: dict, layer: keras.layers.Layer):
     """``table``'s entry for the layer's class or its nearest base class, or None."""
     for cls in type(layer).__mro__:

@@ -16,9 +16,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import tfopt
 from tfopt import _checks, _compat
 from tfopt._quiet import third_party_quiet
+from tfopt._version import __version__
 from tfopt._warn import warn_user
 from tfopt.errors import (ConfigError, ExportValidationError, ModelOutputsNaNError,
                           NotAKerasModelError, TfoptError)
@@ -918,7 +918,7 @@ def _manifest(plan: ExportPlan, artifacts: list[ArtifactResult]) -> dict:
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": plan.model.name,
-        "versions": {"tfopt": tfopt.__version__, "tensorflow": tf.__version__,
+        "versions": {"tfopt": __version__, "tensorflow": tf.__version__,
                      "keras": keras.__version__},
         "formats": list(plan.formats),
         "artifacts": {a.format: {"path": a.target, **a.info} for a in artifacts},

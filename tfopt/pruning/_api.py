@@ -19,7 +19,7 @@ from tfopt.errors import (
     UnsupportedModelError,
 )
 from tfopt.pruning import _tfmot
-from tfopt.pruning._registry import is_prunable, prunable_weights
+from tfopt._prunable import is_prunable, prunable_weights
 from tfopt.pruning._schedules import PruningSchedule
 from tfopt.pruning._wrapper import PruneLowMagnitude
 
@@ -143,9 +143,7 @@ def prune(model, schedule: PruningSchedule, *, n_m: Optional[tuple[int, int]] = 
     _compat.check_built(model)
     if is_pruned(model):
         raise AlreadyPrunedError(_ALREADY_PRUNED.format(name=model.name))
-    from tfopt.quantization import is_quantized
-
-    if is_quantized(model):
+    if _tree.carries(model, _tree.QUANTIZATION):
         raise ConfigError(
             f"Model {model.name!r} is a QAT model (it carries quantization wrappers). Prune "
             "the float model first, strip it, then quantize: "

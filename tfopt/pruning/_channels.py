@@ -152,6 +152,8 @@ class PruneChannels(keras.layers.Wrapper):
         owned: The groups whose masks this wrapper creates and updates.
     """
 
+    _tfopt_role = _tree.PRUNING
+
     def __init__(self, layer, schedule: PruningSchedule, targets=(), owned=(), **kwargs):
         kwargs.setdefault("name", f"pruned_{layer.name}")
         kwargs.setdefault("dtype", layer.dtype_policy)

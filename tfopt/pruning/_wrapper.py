@@ -8,9 +8,10 @@ import keras
 import tensorflow as tf
 
 from tfopt._substitute import call_with_weights
+from tfopt._tree import PRUNING
 from tfopt.errors import PruningStepMissingError
 from tfopt.pruning import _masks
-from tfopt.pruning._registry import prunable_weights
+from tfopt._prunable import prunable_weights
 from tfopt.pruning._schedules import PruningSchedule
 
 # Every replica computes the same mask from the same (mirrored) weights, so the
@@ -46,6 +47,8 @@ class PruneLowMagnitude(keras.layers.Wrapper):
         n_m: ``(n, m)`` for ``n`` zeros in every ``m`` consecutive weights along
             the input-channel axis, or ``None`` for unstructured pruning.
     """
+
+    _tfopt_role = PRUNING
 
     def __init__(self, layer: keras.layers.Layer, schedule: PruningSchedule,
                  n_m: Optional[tuple[int, int]] = None, **kwargs):

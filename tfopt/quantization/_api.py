@@ -78,9 +78,7 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     _compat.check_built(model)
     if is_quantized(model):
         raise AlreadyQuantizedError(_ALREADY.format(name=model.name))
-    from tfopt.pruning import is_pruned
-
-    if is_pruned(model):
+    if _tree.carries(model, _tree.PRUNING):
         raise ConfigError(
             f"Model {model.name!r} still carries pruning wrappers. Strip it first: "
             "qat = tfopt.quantize(tfopt.strip(model)); zeros are kept through QAT."

@@ -8,7 +8,9 @@ from typing import Iterator
 import keras
 import tensorflow as tf
 
+from tfopt._prunable import prunable_weights
 from tfopt._substitute import call_with_weights
+from tfopt._tree import QUANTIZATION
 from tfopt.quantization._config import QuantizationConfig
 from tfopt.quantization._ops import fake_quant_activation, fake_quant_weight, weight_amax
 from tfopt.quantization._registry import SEPARABLE, weight_axes
@@ -16,6 +18,8 @@ from tfopt.quantization._registry import SEPARABLE, weight_axes
 
 class _ActivationQuantizer(keras.layers.Wrapper):
     """Shared parts: activation ranges tracked by moving average, a step counter."""
+
+    _tfopt_role = QUANTIZATION
 
     def __init__(self, layer, config: QuantizationConfig, **kwargs):
         kwargs.setdefault("name", f"quant_{layer.name}")
@@ -112,8 +116,6 @@ class QuantizeWrapper(_ActivationQuantizer):
         Zeros recorded by :meth:`record_sparsity` count as zeros; this is what
         :func:`tfopt.sparsity` reports for a QAT model.
         """
-        from tfopt.pruning._registry import prunable_weights
-
         index = {id(v): i for i, (v, _) in enumerate(self._weights_axes)}
         result = []
         for target in prunable_weights(self.layer):

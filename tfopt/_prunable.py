@@ -1,5 +1,8 @@
 """Which weights of which layers can be pruned, declared as a table.
 
+Read by pruning, and by QAT to report the sparsity a pruned model keeps; it
+sits below both so that neither imports the other.
+
 Each entry maps a Keras 3 layer class to its prunable weights and, for each,
 the axis along which TensorRT's sparse tensor cores read consecutive
 elements (the input channels, i.e. the reduction axis of the matrix product).
