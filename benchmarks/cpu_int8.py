@@ -35,7 +35,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -204,7 +203,7 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {','.join(MODELS)}")
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
-                               "cpu": cpu_name(), "isa": _cpu_int8.instruction_set(),
+                               "cpu": _cpu_int8.cpu_name(), "isa": _cpu_int8.instruction_set(),
                                "cores": os.cpu_count()},
                "models": {}}
     print(f"CPU: {results['environment']['cpu']}, {results['environment']['isa']}, "
@@ -228,17 +227,6 @@ def main() -> None:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(name: str, result: dict) -> None:

@@ -18,21 +18,14 @@ import json
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
+import os
 
-FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # importing tfopt imports TensorFlow
 
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 
-def isa() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = set(next((line for line in text.splitlines() if line.startswith("flags")), ":")
-                .split(":", 1)[1].split())
-    return " ".join(f for f in FLAGS if f in flags) or "unknown"
-
+from tfopt.targets._cpu_int8 import cpu_name, instruction_set  # noqa: E402
 
 def profile(paths: list[str], batch: int, rounds: int, low: float, high: float) -> dict:
     sessions = {}
@@ -77,7 +70,7 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=0.0)
     parser.add_argument("--high", type=float, default=255.0)
     args = parser.parse_args()
-    print(f"CPU: {isa()}; onnxruntime {ort.__version__}; batch {args.batch}, "
+    print(f"CPU: {cpu_name()}, {instruction_set()}; onnxruntime {ort.__version__}; batch {args.batch}, "
           f"{args.rounds} interleaved rounds; median microseconds per node, summed per op type")
     for path, per_op in profile(args.files, args.batch, args.rounds, args.low,
                                 args.high).items():

@@ -27,6 +27,7 @@ import numpy as np
 from tfopt._warn import warn_user
 from tfopt.artifacts._runner import (Runner, find_manifest, manifest_io, ordered,
                                      portability_warning)
+from tfopt.targets._cpu_int8 import cpu_flags
 
 PRECISIONS = ("f32", "bf16")
 MODES = ("latency", "throughput")
@@ -72,16 +73,9 @@ def cpu_features() -> dict:
         ``{"isa": ["AVX512-VNNI", "AMX-BF16", ...], "capabilities": ["FP32",
         "BF16", "INT8", ...], "device": "...", "bf16": bool, "openvino": version}``.
     """
-    isa = []
-    try:
-        flags = set()
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-        isa = [name for flag, name in _ISA_FLAGS.items() if flag in flags]
-    except OSError:  # not Linux: the plugin's capabilities still say BF16/INT8
-        pass
+    # empty where /proc/cpuinfo cannot be read: the plugin's capabilities still say BF16/INT8
+    flags = cpu_flags()
+    isa = [name for flag, name in _ISA_FLAGS.items() if flag in flags]
     features = {"isa": isa, "machine": platform.machine()}
     if available():
         import openvino

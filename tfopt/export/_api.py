@@ -757,7 +757,7 @@ def _check_portability(proto, plan) -> dict:
     if report.portable or plan.placement != "onnxruntime":
         return report.as_dict()
     full_range = sorted({w.layer.name for w in quant_wrappers(plan.model)
-                         if not getattr(w.config, "portable_weights", True)})
+                         if not w.config.portable_weights})
     if full_range:
         warn_user(
             f"The INT8 ONNX of {plan.model.name!r} is exact only on CPUs with VNNI or AMX "

@@ -26,6 +26,7 @@ weights, whatever order the kernel pairs them in.
 from __future__ import annotations
 
 import dataclasses
+import platform
 import sys
 from typing import Optional
 
@@ -189,18 +190,28 @@ def check(proto) -> Portability:
     return Portability(tuple(kernels), largest)
 
 
-def cpu_flags() -> set:
-    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+def _cpuinfo(key: str) -> str:
+    """The first ``key`` line of ``/proc/cpuinfo`` (``""`` where it cannot be read)."""
     if not sys.platform.startswith("linux"):
-        return set()
+        return ""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def cpu_flags() -> set:
+    """This CPU's instruction-set flags (``/proc/cpuinfo``; empty where it cannot be read)."""
+    return set(_cpuinfo("flags").split())
+
+
+def cpu_name() -> str:
+    """This CPU's model name, as every CPU figure should name it."""
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def cpu_sums_wide(flags: Optional[set] = None) -> Optional[bool]:
