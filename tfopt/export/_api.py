@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import shutil
-import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -30,7 +29,7 @@ from tfopt.export._validate import (compare, int8_tolerances, quantization_steps
                                     widened)
 from tfopt.quantization._api import quant_wrappers
 from tfopt.quantization._wrapper import constant_weights
-from tfopt.targets import _cpu_int8
+from tfopt.targets import _cpu_int8, _tensorrt as _tensorrt_rules
 
 logger = logging.getLogger(__name__)
 
@@ -718,6 +717,8 @@ def _build_onnx(plan, serve, path, built, stage) -> BuiltArtifact:
     if plan.quantized:
         info["qdq"] = _onnx.check_weight_qdq(proto)
         info["qdq_placement"] = plan.placement
+        if plan.placement == "tensorrt":
+            _check_tensorrt_qdq(proto, plan)
         # The QAT graph as converted (TensorRT's placement) is Keras's own: it is held
         # to bounds in quantization steps, tight enough to refuse a scale off by 1%.
         # ONNX Runtime's placement checks the converted graph itself, so it is run once
@@ -776,6 +777,18 @@ def _check_portability(proto, plan) -> dict:
         "quantize with tfopt.quantize(model, 'int8') (portable_weights=True, the default) and "
         "fine-tune again, or pass QuantizationConfig(portable_weights=False) to export a file "
         "that is marked as needing VNNI or AMX.")
+
+
+def _check_tensorrt_qdq(proto, plan) -> None:
+    """Refuse a TensorRT placement whose Q/DQ TensorRT would not build as INT8."""
+    problems = _tensorrt_rules.check(proto)
+    if problems:
+        raise ExportValidationError(
+            f"The TensorRT placement of {plan.model.name!r} holds Q/DQ that TensorRT rejects "
+            f"(it builds INT8 only from int8 Q/DQ with zero points 0): {'; '.join(problems[:5])}"
+            f"{' ...' if len(problems) > 5 else ''}. Nothing was written. tfopt's QAT writes "
+            "symmetric int8, so the converter changed it: please report this with your tf2onnx "
+            "version; placement='onnxruntime' exports for CPUs meanwhile.")
 
 
 def _check_converted(actual: dict, steps: dict, plan) -> dict:
@@ -854,6 +867,7 @@ def _build_tensorrt(plan, serve, path, built, stage) -> BuiltArtifact:
         # TensorRT builds INT8 from its own placement (int8, zero points 0), not ORT's.
         onnx_path = path.with_name("tensorrt-placement.onnx")
         proto = _onnx.convert(serve, plan.signature, opset=plan.opset, quantized=True)
+        _check_tensorrt_qdq(proto, plan)
         _onnx.save(proto, onnx_path)
         steps = _qdq_steps(proto, plan)
     else:

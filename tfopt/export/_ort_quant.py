@@ -1,14 +1,14 @@
 """INT8 ONNX for ONNX Runtime's CPU provider, written by ONNX Runtime's own quantizer.
 
 tfopt's QAT graph, as tf2onnx converts it, puts Q/DQ where TensorRT wants
-them: on the inputs and weights of each convolution, with BatchNormalization
-and ReLU left between one convolution and the next Q. TensorRT fuses all of
-that when it builds an engine; ONNX Runtime's CPU provider does not. Its
-QDQ selectors (``onnxruntime/core/optimizer/qdq_transformer/``) fuse only
-node units ``DQ(x) + DQ(w) [+ DQ(int32 bias)] -> Conv/Gemm/MatMul -> Q``, a
-ReLU only when the Q after it has the type's minimum as zero point, and
-binary ops only with DQ on both inputs and a Q on the output. Anything else
-runs in float, dequantizing its weights at every call.
+them (:mod:`tfopt.targets._tensorrt`): on the inputs and weights of each
+convolution, with BatchNormalization and ReLU left between one convolution
+and the next Q. TensorRT fuses all of that when it builds an engine; ONNX
+Runtime's CPU provider fuses only the node units
+:mod:`tfopt.targets._onnxruntime` lists, and runs anything else in float,
+dequantizing its weights at every call. This module is the mechanics of
+writing the file; the rules it follows (which ops to quantize, on which
+grids, which nodes stay float) are read from that module.
 
 So the CPU placement is rewritten from the QAT graph here, in three steps:
 
@@ -55,37 +55,11 @@ from typing import Sequence
 import numpy as np
 
 from tfopt.errors import BackendUnavailableError
-from tfopt.targets._cpu_int8 import PORTABLE_WEIGHT_MAX
+from tfopt.targets._onnxruntime import (COMPUTE_OPS, INTEGER_OPS, KERNEL_OPS, LAYOUT,
+                                        QUANTIZABLE_OPS, VALUE_PRESERVING, activation_grid,
+                                        nodes_left_in_float, weight_reduce_range)
 
 logger = logging.getLogger(__name__)
-
-# Layout ops a Q/DQ pair may straddle (tf2onnx moves Transpose/Squeeze between them).
-_LAYOUT = {"Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten"}
-# Ops that move or select values without changing them: ONNX Runtime (and OpenVINO)
-# run them on int8 data when their input and output share one scale and zero point.
-_VALUE_PRESERVING = _LAYOUT | {"Pad", "MaxPool"}
-
-# One-input ops that keep a value within the range of what feeds them, or squash
-# it: ONNX Runtime runs them on uint8 data too, in a chain of elementwise ops that
-# must be quantized for the kernel before it to write uint8 (_nodes_left_in_float).
-_UNARY_BETWEEN_KERNELS = {"Relu", "Clip", "Sigmoid", "GlobalAveragePool", "AveragePool"}
-
-# Ops ONNX Runtime's quantizer may turn into integer kernels here. LayerNormalization,
-# Softmax, Gather (embeddings) and the like stay in float, as in the QAT model.
-_QUANTIZABLE_OPS = [
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Mul", "Concat", "Relu", "Clip",
-    "Sigmoid", "LeakyRelu", "GlobalAveragePool", "AveragePool", "MaxPool", "Resize", "Pad",
-    "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Slice", "Split",
-]
-
-# The compute ops whose fusion the export reports, and what ONNX Runtime
-# turns them into when it runs them as integer kernels.
-COMPUTE_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm",
-               "FusedMatMul", "Einsum"}
-INTEGER_OPS = {"QLinearConv", "QLinearConvTranspose", "QGemm", "QLinearMatMul",
-               "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul",
-               "ConvInteger", "QAttention"}
-
 
 def _require_quantization():
     try:
@@ -204,13 +178,13 @@ def dequantize(proto) -> QatGraph:
             if name in rename:  # read through a removed DQ: rounded in the QAT model
                 rounded_readers[resolve(name)].add(node.name)
         node.input[:] = [resolve(i) for i in node.input]
-        if node.op_type in _LAYOUT and node.input[0] in ranges:
+        if node.op_type in LAYOUT and node.input[0] in ranges:
             ranges[node.output[0]] = ranges[node.input[0]]
     # A range trained after a value-preserving op (ZeroPadding2D before a strided
     # convolution) holds for its input too; folding may fuse the op away (a Pad
     # into the Conv's pads), and the range must survive it.
     for node in reversed(kept):  # graph order is topological: walk it backwards
-        if node.op_type in _VALUE_PRESERVING and node.output[0] in ranges \
+        if node.op_type in VALUE_PRESERVING and node.output[0] in ranges \
                 and node.input[0] not in ranges and node.input[0] not in initializers:
             ranges[node.input[0]] = ranges[node.output[0]]
     graph.initializer.extend(weights)
@@ -536,7 +510,7 @@ def _pointwise_head_as_matmul(graph, ranges: dict[str, float]) -> dict[str, str]
                 or not x_shape or len(x_shape) != kernel.ndim or any(d != 1 for d in x_shape[2:]) \
                 or conv.output[0] in ranges or conv.output[0] in index.outputs \
                 or not readers[conv.output[0]] \
-                or any(r.op_type not in _LAYOUT for r in readers[conv.output[0]]):
+                or any(r.op_type not in LAYOUT for r in readers[conv.output[0]]):
             nodes.append(conv)
             continue
         channels = kernel.shape[0]
@@ -596,7 +570,7 @@ def _fold_constant_layout(graph) -> None:
     kept = []
     for node in graph.node:
         inputs = [i for i in node.input if i]
-        if node.op_type in _LAYOUT and inputs and all(i in initializers for i in inputs):
+        if node.op_type in LAYOUT and inputs and all(i in initializers for i in inputs):
             values = ReferenceEvaluator(node).run(
                 None, {i: numpy_helper.to_array(initializers[i]) for i in inputs})
             folded = numpy_helper.from_array(np.asarray(values[0]), node.output[0])
@@ -611,7 +585,7 @@ def _fold_constant_layout(graph) -> None:
 # Ops that select or rearrange the elements of their first input: an int8 table read
 # through them (an embedding lookup, a position table sliced and broadcast) keeps
 # its DQ after them.
-_SELECTING = _LAYOUT | {"Gather", "Slice", "Expand", "Tile", "Identity"}
+_SELECTING = LAYOUT | {"Gather", "Slice", "Expand", "Tile", "Identity"}
 
 
 def _dequantize_gathered_tables(graph) -> None:
@@ -660,157 +634,20 @@ def _overrides(proto, ranges: dict[str, float]) -> dict:
     producers = {o: n for n in proto.graph.node for o in n.output}
     params = {}
     for tensor, amax in ranges.items():
-        step = amax / 127.0
         producer = producers.get(tensor)
-        zero = 128
-        if producer is not None and producer.op_type in ("Relu", "Clip"):
-            # Non-negative: uint8 zero point 0 lets ONNX Runtime absorb the activation,
-            # and 255 steps up to QAT's maximum saturate where QAT does.
-            zero = 0
-            step = amax / 255.0
-            if producer.op_type == "Clip" and len(producer.input) > 2 and producer.input[2]:
-                clip = float(initializers.get(producer.input[2], np.inf))
-                if 255 * step > clip:  # the Q must not reach past the clip, or it stays
-                    step = clip / 255.0
-        params[tensor] = (step, zero)
+        op = producer.op_type if producer is not None else None
+        clip_max = None
+        if op == "Clip" and len(producer.input) > 2 and producer.input[2] in initializers:
+            clip_max = float(initializers[producer.input[2]])
+        params[tensor] = activation_grid(amax, op, clip_max)
     for node in proto.graph.node:  # each value-preserving op's output on its input's grid
-        if node.op_type in _VALUE_PRESERVING and node.input[0] in params \
+        if node.op_type in VALUE_PRESERVING and node.input[0] in params \
                 and node.output[0] in params:
             params[node.output[0]] = params[node.input[0]]
     return {tensor: [{"quant_type": QuantType.QUInt8,
                       "scale": np.array(step, dtype=np.float32),
                       "zero_point": np.array(zero, dtype=np.uint8)}]
             for tensor, (step, zero) in params.items()}
-
-
-def _nodes_left_in_float(proto, ranges: dict[str, float],
-                         calibrated: frozenset = frozenset()) -> list[str]:
-    """The nodes ONNX Runtime's quantizer must leave in float, as the QAT model computes them.
-
-    * Convolutions and matrix products QAT left in float: their activation
-      input has no trained range, or they multiply two activations (attention
-      scores and context, which QAT never quantizes).
-    * Elementwise sums and products that do not sit between integer kernels
-      (every input from one, the result into one): quantizing them buys no
-      fused kernel, only roundings the QAT model does not do, and their
-      inputs may span ranges no 8 bits hold (an attention mask's -1e9 added
-      to the scores, a transformer's residual stream into its normalization).
-      A residual sum between convolutions, or a swish, hard swish or
-      squeeze-and-excite product, sits between integer kernels and is
-      quantized. So is a longer chain of them where a kernel whose output QAT
-      did not quantize starts it (MobileNetV3's hard swish, ``x * relu6(x + 3)
-      / 6``, after a depthwise convolution): the chain then runs on uint8
-      from that kernel's output to the next kernel's input, instead of in
-      float between a DQ and a Q (``_drop_idle_qdq`` keeps the kernel's own
-      output quantized either way). A chain after tensors QAT quantized
-      (ResNet50V2's BatchNormalization after a residual sum) buys no kernel
-      and stays float.
-
-    ``calibrated``: inputs of convolutions the placement added
-    (:func:`_channel_affines_as_depthwise`), quantized with a calibrated range.
-    """
-    initializers = {i.name for i in proto.graph.initializer}
-    consumers = collections.defaultdict(list)
-    for node in proto.graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-
-    def integer_compute(node) -> bool:
-        return node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul") \
-            and (node.input[0] in ranges or node.input[0] in calibrated) \
-            and any(i in initializers for i in node.input[1:2])
-
-    def feeds_integer(tensor, seen, chains=False) -> bool:
-        """Whether ``tensor`` reaches an integer kernel's input, through value-preserving
-        ops and ReLUs or, with ``chains``, also through sums, products and poolings."""
-        if tensor in ranges:
-            return True
-        if tensor in seen:
-            return False
-        seen.add(tensor)
-        unary = _VALUE_PRESERVING | (_UNARY_BETWEEN_KERNELS if chains else {"Relu", "Clip"})
-        for node in consumers.get(tensor, []):
-            if integer_compute(node) and node.input[0] == tensor:
-                return True
-            if node.op_type in unary and node.input[0] == tensor \
-                    and feeds_integer(node.output[0], seen, chains):
-                return True
-            if chains and node.op_type in ("Add", "Mul") and between_integer(node) \
-                    and feeds_integer(node.output[0], seen, chains):
-                return True
-        return False
-
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    memo: dict[str, bool] = {}
-
-    def from_integer(tensor) -> bool:
-        if tensor in ranges:
-            return True
-        if tensor not in memo:
-            memo[tensor] = False  # a cycle guard; graphs are acyclic
-            node = producers.get(tensor)
-            if node is None:
-                result = False
-            elif node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-                result = integer_compute(node)
-            elif node.op_type in _VALUE_PRESERVING | {"Relu", "Clip", "Sigmoid"}:
-                result = from_integer(node.input[0])
-            elif node.op_type in ("Add", "Mul"):
-                result = between_integer(node)
-            else:
-                result = False
-            memo[tensor] = result
-        return memo[tensor]
-
-    def between_integer(node) -> bool:
-        activations = [i for i in node.input if i and i not in initializers]
-        return bool(activations) and all(from_integer(i) for i in activations)
-
-    unranged_memo: dict[str, bool] = {}
-
-    def after_unranged_kernel(tensor) -> bool:
-        """Whether ``tensor`` comes, through elementwise ops only, from an integer
-        convolution whose output QAT did not quantize (MobileNetV3's depthwise
-        convolution before its hard swish): ONNX Runtime runs a convolution as an
-        integer kernel only if its output is quantized. A matrix product is not a
-        start: it runs as one with a float output (``MatMulIntegerToFloat``)."""
-        if tensor in ranges:
-            return False
-        if tensor not in unranged_memo:
-            unranged_memo[tensor] = False
-            node = producers.get(tensor)
-            if node is None:
-                result = False
-            elif node.op_type in ("Conv", "ConvTranspose"):
-                result = integer_compute(node)
-            elif node.op_type in _VALUE_PRESERVING | _UNARY_BETWEEN_KERNELS:
-                result = after_unranged_kernel(node.input[0])
-            elif node.op_type in ("Add", "Mul"):
-                result = any(after_unranged_kernel(i) for i in node.input
-                             if i and i not in initializers)
-            else:
-                result = False
-            unranged_memo[tensor] = result
-        return unranged_memo[tensor]
-
-    def quantized_elementwise(node) -> bool:
-        if not between_integer(node):
-            return False
-        if feeds_integer(node.output[0], set()):
-            return True
-        # a chain of sums and products (a hard swish, a squeeze-and-excite gate) between
-        # a kernel with no trained output range and the next kernel
-        return any(after_unranged_kernel(i) for i in node.input if i and i not in initializers) \
-            and feeds_integer(node.output[0], set(), chains=True)
-
-    excluded = []
-    for node in proto.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
-            if not integer_compute(node):
-                excluded.append(node.name)
-        elif node.op_type in ("Add", "Mul") and not quantized_elementwise(node):
-            excluded.append(node.name)
-    return excluded
 
 
 class _Batches:
@@ -858,7 +695,7 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
             {i.name for i in folded.graph.input}
         ranges = {t: r for t, r in qat.ranges.items() if t in present}
         for node in folded.graph.node:  # folding renames layout ops: carry ranges through again
-            if node.op_type in _VALUE_PRESERVING and node.input[0] in ranges:
+            if node.op_type in VALUE_PRESERVING and node.input[0] in ranges:
                 ranges.setdefault(node.output[0], ranges[node.input[0]])
         lost = sorted(set(qat.ranges) - set(ranges))
         targets = _constant_reshape_targets(folded.graph, ranges)
@@ -871,7 +708,7 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
                         "those tensors are calibrated instead: %s", len(lost), lost[:5])
         grids = _overrides(folded, ranges)
         weight_names = {i.name for i in folded.graph.initializer}
-        in_float = _nodes_left_in_float(folded, ranges, frozenset(affines))
+        in_float = nodes_left_in_float(folded, ranges, frozenset(affines))
         source = tmp / "folded.onnx"
         if targets or matrices or affines:
             # A new file (onnx appends to an existing .data); saving moves the weights
@@ -883,13 +720,13 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
         # QAT's weight grid: [-64, 64] (portable across CPU kinds) is ONNX Runtime's
         # reduce_range grid for int8, [-127, 127] its symmetric one; the largest weight
         # of each channel lands on the grid's end both ways, so the values stay QAT's.
-        reduce_range = qat.largest_weight <= PORTABLE_WEIGHT_MAX
+        reduce_range = weight_reduce_range(qat.largest_weight)
         quantize_static(
             str(source), str(tmp / "int8.onnx"),
             _Batches(input_names, arrays, batch_size),
             quant_format=QuantFormat.QDQ, per_channel=qat.per_channel,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-            reduce_range=reduce_range, op_types_to_quantize=_QUANTIZABLE_OPS,
+            reduce_range=reduce_range, op_types_to_quantize=QUANTIZABLE_OPS,
             nodes_to_exclude=in_float,
             extra_options={
                 "TensorQuantOverrides": {
@@ -1003,7 +840,7 @@ def _drop_idle_qdq(proto, trained) -> None:
                 consumers[name].append(node)
 
         def integer_reader(node) -> bool:
-            if node.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul"):
+            if node.op_type in KERNEL_OPS:
                 weight = producers.get(node.input[1]) if len(node.input) > 1 else None
                 return weight is not None and weight.op_type == "DequantizeLinear" \
                     and weight.input[0] in initializers

@@ -32,9 +32,12 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     and on both inputs of residual ``Add`` (and ``Dot``) layers. Normalizations
     (LayerNormalization, RMS norms), embeddings and the attention score and
     context products stay in float; they are listed in one warning. Weights
-    are quantized symmetrically per output channel in [-127, 127];
-    activations per tensor with ranges tracked by a moving average during
-    training. BatchNormalization stays in float: with
+    are quantized symmetrically per output channel in [-64, 64] (the grid
+    every x86 CPU computes exactly; ``QuantizationConfig(portable_weights=
+    False)`` for [-127, 127]); activations per tensor with ranges tracked by
+    a moving average during training. The rules are TensorRT's
+    (``tfopt.targets._tensorrt``); the ONNX Runtime export re-places the
+    same integers for the CPU. BatchNormalization stays in float: with
     per-channel weight scales, the engine folds it into the convolution
     exactly. Weights that are zero (a pruned and stripped model) stay zero.
 

@@ -1,9 +1,13 @@
-"""Which layers get Q/DQ, declared as tables.
+"""Which layers get Q/DQ, declared as tables: the Keras side of TensorRT's rules.
 
-``WEIGHTED``: layers whose input and weights are fake-quantized, with each
+QAT trains the placement TensorRT builds INT8 from
+(:mod:`tfopt.targets._tensorrt`); these tables say which Keras layers
+become which ONNX ops there. ``WEIGHTED``: layers whose input and weights
+are fake-quantized (they convert to the rules' ``WEIGHTED_OPS``), with each
 weight's output-channel axis (the axis of its per-channel scales; ``None``
 for one scale per tensor). ``INPUT_ONLY``: layers with several inputs that
-each get Q/DQ (residual ``Add``, ``Dot``), so TensorRT can fuse them.
+each get Q/DQ (a residual ``Add``, the rules' ``EVERY_INPUT_OPS``; ``Dot``,
+a product of two activations), so TensorRT can fuse them.
 ``FLOAT_BY_DESIGN``: layers with weights that stay in float on purpose.
 """
 
