@@ -28,7 +28,6 @@ import functools
 import json
 import math
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -44,6 +43,7 @@ import tfopt  # noqa: E402
 from tfopt import _flops, artifacts  # noqa: E402
 from tfopt.bench._timing import interleaved  # noqa: E402
 from tfopt.pruning._api import prune_now  # noqa: E402
+from tfopt.targets import _cpu_int8  # noqa: E402
 
 MODELS = {"resnet50": keras.applications.ResNet50,
           "mobilenetv2": keras.applications.MobileNetV2}
@@ -186,12 +186,12 @@ def main() -> None:
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
                                "keras": keras.__version__,
-                               "cpu": platform.processor() or platform.machine(),
-                               "cores": os.cpu_count()},
+                               "cpu": _cpu_int8.describe_cpu()},
                "command": "python benchmarks/channels.py " + " ".join(
                    f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                    if k in ("models", "rounds_b1", "rounds_b32")),
                "models": {}}
+    print(results["environment"]["cpu"], flush=True)
     with tempfile.TemporaryDirectory(prefix="tfopt-channels-") as tmp:
         for name in args.models.split(","):
             results["models"][name] = measure_model(name, Path(tmp), args.rounds_b1,

@@ -140,13 +140,13 @@ def main(argv=None) -> None:
     import tensorflow as tf
 
     from tfopt.artifacts._openvino import cpu_features
+    from tfopt.targets import _cpu_int8
 
     batches = [int(b) for b in args.batches.split(",")]
     x = np.random.default_rng(0).uniform(0, 1, size=(max(batches), 224, 224, 3)).astype("float32")
     work = args.work or Path(tempfile.mkdtemp(prefix="tfopt_cpu_engines_"))
     features = cpu_features()
-    results = {"environment": {"cpus": os.cpu_count(), "machine": platform.machine(),
-                               "cpu": features.get("device"), "isa": features["isa"],
+    results = {"environment": {"cpu": _cpu_int8.describe_cpu(), "machine": platform.machine(),
                                "openvino_capabilities": features.get("capabilities"),
                                "tensorflow": tf.__version__, "onnxruntime": onnxruntime.__version__,
                                "openvino": features.get("openvino")},
@@ -190,7 +190,7 @@ def main(argv=None) -> None:
 
 def _header(results: dict) -> str:
     env = results["environment"]
-    return (f"CPU: {env.get('cpu')}, {env.get('cpus')} cores, ISA: {', '.join(env['isa'])}; "
+    return (f"{env.get('cpu')}; "
             f"TensorFlow {env.get('tensorflow')}, onnxruntime {env.get('onnxruntime')}, "
             f"OpenVINO {str(env.get('openvino')).split('-')[0]}; median ms, "
             f"{results['rounds']} interleaved rounds")

@@ -203,11 +203,9 @@ def main() -> None:
         parser.error(f"unknown model(s) {sorted(unknown)}; choose from {','.join(MODELS)}")
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
-                               "cpu": _cpu_int8.cpu_name(), "isa": _cpu_int8.instruction_set(),
-                               "cores": os.cpu_count()},
+                               "cpu": _cpu_int8.describe_cpu()},
                "models": {}}
-    print(f"CPU: {results['environment']['cpu']}, {results['environment']['isa']}, "
-          f"{os.cpu_count()} cores; onnxruntime {ort.__version__}", flush=True)
+    print(f"{results['environment']['cpu']}; onnxruntime {ort.__version__}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tfopt-cpu-int8-") as tmp:
         for name in args.models.split(","):
             prepared = prepare(name, Path(tmp))

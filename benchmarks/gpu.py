@@ -58,12 +58,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _gpu_common  # noqa: E402
 
+ROOT = _gpu_common.ROOT
 MODELS = ("resnet50", "mobilenetv2")
 BATCHES = (1, 64, 256)
-SIZE = 224
+SIZE = _gpu_common.SIZE
 # ONNX files ``prepare`` writes per model, by variant.
 VARIANTS = {"fp32": "FP32", "fp16": "FP16, float32 I/O", "fp16io": "FP16, float16 I/O"}
 
@@ -94,13 +95,11 @@ def prepare(out: Path, models=MODELS, xla: bool = True) -> None:
 
     import keras
     import numpy as np
-    import onnx
 
     import tfopt
 
     out.mkdir(parents=True, exist_ok=True)
-    factories = {"mobilenetv2": keras.applications.MobileNetV2,
-                 "resnet50": keras.applications.ResNet50}
+    factories = _gpu_common.keras_factories()
     x = np.random.default_rng(0).uniform(size=(4, SIZE, SIZE, 3)).astype("float32")
     report = {"versions": {"tfopt": tfopt.__version__, "keras": keras.__version__}, "models": {}}
     for name in models:
@@ -108,14 +107,8 @@ def prepare(out: Path, models=MODELS, xla: bool = True) -> None:
         entry = report["models"].setdefault(name, {"onnx": {}})
         for variant, precision, fp16_io in (("fp32", "fp32", False), ("fp16", "fp16", False),
                                             ("fp16io", "fp16", True)):
-            tmp = out / f"tmp_{name}_{variant}"
-            result = tfopt.export(model, tmp, formats=("onnx",), precision=precision,
-                                  fp16_io=fp16_io, validation_data=x[:2], overwrite=True)
-            proto = onnx.load(str(result.paths["onnx"]))
-            graph = out / f"{name}_{variant}.onnx"
-            onnx.save(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{graph.stem}.weights", size_threshold=4096)
-            (out / f"{graph.stem}.weights").unlink()  # regenerated on the GPU machine
+            result, proto, graph = _gpu_common.export_graph(
+                model, out, f"{name}_{variant}", x[:2], precision=precision, fp16_io=fp16_io)
             info = result.manifest["artifacts"]["onnx"]
             entry["onnx"][variant] = {
                 "max_abs_error": result.max_abs_error, "max_rel_error": result.max_rel_error,
@@ -124,7 +117,6 @@ def prepare(out: Path, models=MODELS, xla: bool = True) -> None:
             print(f"{graph.name}: graph {graph.stat().st_size / 1024:.0f} kB, validated max "
                   f"|diff| {result.max_abs_error:.2e}, edge casts {info.get('edge_casts')}",
                   flush=True)
-            shutil.rmtree(tmp)
         if xla:
             tmp = out / f"tmp_{name}_xla"
             start = time.perf_counter()
@@ -153,9 +145,7 @@ def _op_counts(proto) -> dict:
 # -- run (on the GPU machine) ---------------------------------------------------
 
 def _modules():
-    from gpu_onnx import _import_tfopt_bench
-
-    return _import_tfopt_bench()  # (tfopt.bench._timing, tfopt.artifacts._ort), no TensorFlow
+    return _gpu_common.import_tfopt_bench()  # (tfopt.bench._timing, tfopt.artifacts._ort)
 
 
 def _row(model, engine, config, precision, batch, timing, **extra) -> dict:
@@ -184,14 +174,8 @@ class Budget:
         return self.end - time.monotonic()
 
 
-def _measure(timing, fn, repeats):
-    return timing.measure(fn, warmup=10, repeats=repeats, min_seconds=1.0)
-
-
-def _input(batch: int, dtype="float32"):
-    import numpy as np
-
-    return np.random.default_rng(batch).uniform(size=(batch, SIZE, SIZE, 3)).astype(dtype)
+_measure = _gpu_common.measure
+_input = _gpu_common.images
 
 
 def run(models_dir: Path, json_path: Path, sections, resume=None, budget_s: float = 560,
@@ -223,18 +207,7 @@ def run(models_dir: Path, json_path: Path, sections, resume=None, budget_s: floa
     return result
 
 
-def _device() -> dict:
-    info = {}
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,"
-                              "clocks.max.sm", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
-        info["nvidia_smi"] = out
-        info["name"] = out.split(",")[0].strip()
-    except (OSError, subprocess.SubprocessError):
-        info["name"] = "unknown GPU"
-    info["python"] = sys.version.split()[0]
-    return info
+_device = _gpu_common.device
 
 
 # ---- ONNX Runtime --------------------------------------------------------------
@@ -247,7 +220,6 @@ def _ort_section(result, models_dir, budget, provider, batches, models, repeats,
     """``parts``: any of ORT_PARTS, in that order (sections ``ort-levers``, ``ort-table``, ...)."""
     import onnxruntime as ort
 
-    from gpu_onnx import _fill_weights
 
     if hasattr(ort, "preload_dlls") and provider.startswith("CUDA"):
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* wheels beside PyTorch
@@ -263,7 +235,7 @@ def _ort_section(result, models_dir, budget, provider, batches, models, repeats,
             if graph.exists():
                 full = work / graph.name
                 if not full.exists():
-                    _fill_weights(graph, full)
+                    _gpu_common.fill_weights(graph, full)
                 files[(name, variant)] = full
     cuda = provider.startswith("CUDA")
 

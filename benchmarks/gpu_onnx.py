@@ -26,14 +26,15 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _gpu_common  # noqa: E402
+
+ROOT = _gpu_common.ROOT
 MODELS = ("mobilenetv2", "resnet50")
 
 # ONNX Runtime CUDA provider settings compared. Its default runs float32
@@ -48,98 +49,44 @@ CONFIGS = (
 
 def prepare(out: Path) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    import keras
     import numpy as np
-    import onnx
 
     import tfopt
 
     out.mkdir(parents=True, exist_ok=True)
-    factories = {"mobilenetv2": keras.applications.MobileNetV2,
-                 "resnet50": keras.applications.ResNet50}
+    factories = _gpu_common.keras_factories()
     x = np.random.default_rng(0).uniform(size=(8, 224, 224, 3)).astype("float32")
     for name in MODELS:
         model = factories[name](weights=None, input_shape=(224, 224, 3))
         for precision, candidate in (("fp32", model), ("fp16", model),
                                      ("int8", tfopt.quantize(model, calibration_data=x))):
-            result = tfopt.export(candidate, out / f"tmp_{name}_{precision}", formats=("onnx",),
-                                  precision=precision, validation_data=x[:2], overwrite=True)
-            proto = onnx.load(str(result.paths["onnx"]))
-            graph = out / f"{name}_{precision}.onnx"
-            onnx.save(proto, str(graph), save_as_external_data=True, all_tensors_to_one_file=True,
-                      location=f"{graph.stem}.weights", size_threshold=4096)
-            (out / f"{graph.stem}.weights").unlink()  # regenerated on the GPU machine
+            result, _, graph = _gpu_common.export_graph(candidate, out, f"{name}_{precision}",
+                                                        x[:2], precision=precision)
             print(f"{graph.name}: graph {graph.stat().st_size / 1024:.0f} kB, "
                   f"validated max |diff| {result.max_abs_error:.2e}")
-            import shutil
-
-            shutil.rmtree(out / f"tmp_{name}_{precision}")
-
-
-def _fill_weights(graph: Path, target: Path, seed: int = 0) -> None:
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    proto = onnx.load(str(graph), load_external_data=False)
-    rng = np.random.default_rng(seed)
-    for index, tensor in enumerate(proto.graph.initializer):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        shape = tuple(tensor.dims)
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-        if np.issubdtype(dtype, np.integer):
-            values = rng.integers(-127, 128, size=shape).astype(dtype)
-        else:
-            fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else max(shape[0], 1)
-            values = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(dtype)
-        filled = numpy_helper.from_array(values, tensor.name)
-        proto.graph.initializer[index].CopyFrom(filled)
-    onnx.save(proto, str(target))
-
-
-def _import_tfopt_bench():
-    """tfopt's timing and ONNX Runtime runner modules, without tfopt's TensorFlow imports."""
-    for package, path in (("tfopt", ROOT / "tfopt"), ("tfopt.bench", ROOT / "tfopt" / "bench"),
-                          ("tfopt.artifacts", ROOT / "tfopt" / "artifacts")):
-        module = types.ModuleType(package)
-        module.__path__ = [str(path)]
-        sys.modules.setdefault(package, module)
-    modules = {}
-    for package, name in (("bench", "_timing"), ("artifacts", "_runner"), ("artifacts", "_ort")):
-        spec = importlib.util.spec_from_file_location(f"tfopt.{package}.{name}",
-                                                      ROOT / "tfopt" / package / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-        modules[name] = module
-    return modules["_timing"], modules["_ort"]
 
 
 def run(models_dir: Path, json_path: Path, batches=(1, 8, 64), repeats: int = 30) -> None:
-    import numpy as np
     import onnxruntime
 
     if hasattr(onnxruntime, "preload_dlls"):  # CUDA and cuDNN from the nvidia-* wheels
         onnxruntime.preload_dlls()
-    timing, ort_runners = _import_tfopt_bench()
+    timing, ort_runners = _gpu_common.import_tfopt_bench()
     work = Path("/tmp/tfopt_gpu_models")
     work.mkdir(exist_ok=True)
-    device = _device_name()
+    device = _gpu_common.device()["name"]
     rows = []
     for graph in sorted(models_dir.glob("*.onnx")):
         full = work / graph.name
-        _fill_weights(graph, full)
+        _gpu_common.fill_weights(graph, full)
         for layout, options in CONFIGS:
             for batch in batches:
                 # A session per shape: a captured CUDA graph is tied to one shape.
-                x = np.random.default_rng(1).uniform(size=(batch, 224, 224, 3)).astype("float32")
-                feed = [x]
+                feed = [_gpu_common.images(batch, seed=1)]
                 try:
                     (runner,) = ort_runners.onnx_runners(
                         full, graph.stem, ["CUDAExecutionProvider"], cuda_options=options)
-                    t = timing.measure(lambda: runner.run(feed), warmup=10, repeats=repeats,
-                                       min_seconds=1.0)
+                    t = _gpu_common.measure(timing, lambda: runner.run(feed), repeats)
                 except Exception as exc:  # noqa: BLE001 - record and go on
                     print(f"{graph.stem} {layout} batch {batch}: failed: {exc}", flush=True)
                     continue
@@ -152,15 +99,6 @@ def run(models_dir: Path, json_path: Path, batches=(1, 8, 64), repeats: int = 30
     result = {"device": device, "onnxruntime": onnxruntime.__version__, "rows": rows}
     json_path.write_text(json.dumps(result, indent=2))
     print(_table(result))
-
-
-def _device_name() -> str:
-    try:
-        import torch
-
-        return torch.cuda.get_device_name(0)
-    except Exception:  # noqa: BLE001 - informational
-        return "unknown GPU"
 
 
 def _table(result) -> str:

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # importing tfopt imports Te
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
-from tfopt.targets._cpu_int8 import cpu_name, instruction_set  # noqa: E402
+from tfopt.targets._cpu_int8 import describe_cpu  # noqa: E402
 
 def profile(paths: list[str], batch: int, rounds: int, low: float, high: float) -> dict:
     sessions = {}
@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--low", type=float, default=0.0)
     parser.add_argument("--high", type=float, default=255.0)
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}, {instruction_set()}; onnxruntime {ort.__version__}; batch {args.batch}, "
+    print(f"{describe_cpu()}; onnxruntime {ort.__version__}; batch {args.batch}, "
           f"{args.rounds} interleaved rounds; median microseconds per node, summed per op type")
     for path, per_op in profile(args.files, args.batch, args.rounds, args.low,
                                 args.high).items():

@@ -37,6 +37,7 @@ import tf_keras  # noqa: E402
 
 import tfopt  # noqa: E402
 from tfopt.examples import digits_cnn  # noqa: E402
+from tfopt.targets import _cpu_int8  # noqa: E402
 
 
 class StepTimer:
@@ -115,7 +116,7 @@ def main(argv=None):
               for kind, (_, _, timer) in runs.items()}
     print(f"pruning overhead: {args.size}x{args.size} digits CNN, batch {args.batch_size}, "
           f"{args.rounds} rounds x {steps} steps, TF {tf.__version__}, Keras {keras.__version__}, "
-          f"{os.cpu_count()} CPUs")
+          f"{_cpu_int8.describe_cpu()}")
     print(f"{'fit':<8}{'median ms/step':>16}{'p90/p10':>10}{'vs keras':>10}{'vs tfmot':>10}")
     for kind, median in medians.items():
         print(f"{kind:<8}{1e3 * median:>16.3f}{spread[kind]:>10.2f}"
@@ -129,7 +130,7 @@ def main(argv=None):
     if args.json:
         args.json.write_text(json.dumps({
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-            "cpus": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
+            "cpu": _cpu_int8.describe_cpu(), "args": {k: str(v) for k, v in vars(args).items()},
             "steps_per_round": steps,
             "median_ms": {k: 1e3 * v for k, v in medians.items()},
             "p90_over_p10": {k: float(v) for k, v in spread.items()},

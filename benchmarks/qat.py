@@ -29,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 import tfopt  # noqa: E402
 from tfopt.bench import measure  # noqa: E402
 from tfopt.export import _onnx  # noqa: E402
+from tfopt.targets import _cpu_int8  # noqa: E402
 
 MODELS = {
     "mobilenetv2": lambda: keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)),
@@ -102,7 +103,7 @@ def main(argv=None):
     step = train_step_ratio(args.train_steps)
 
     print(f"QAT benchmark: TF {tf.__version__}, Keras {keras.__version__}, onnxruntime "
-          f"{onnxruntime.__version__} (CPUExecutionProvider), {os.cpu_count()} CPUs")
+          f"{onnxruntime.__version__} (CPUExecutionProvider); {_cpu_int8.describe_cpu()}")
     print(f"\n{'model':<13}{'batch':>6}{'fp32 ms':>11}{'int8 ms':>11}{'fp32/int8':>11}")
     for name, batch, a, b in rows:
         print(f"{name:<13}{batch:>6}{1e3 * a:>11.2f}{1e3 * b:>11.2f}{a / b:>11.2f}")
@@ -115,7 +116,7 @@ def main(argv=None):
         args.json.write_text(json.dumps({
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__,
                          "onnxruntime": onnxruntime.__version__},
-            "cpus": os.cpu_count(), "args": {k: str(v) for k, v in vars(args).items()},
+            "cpu": _cpu_int8.describe_cpu(), "args": {k: str(v) for k, v in vars(args).items()},
             "latency": [{"model": n, "batch": b, "fp32_ms": 1e3 * a, "int8_ms": 1e3 * c}
                         for n, b, a, c in rows],
             "sizes": [{"model": n, "fp32_bytes": a, "int8_bytes": b, "fp32_max_abs_error": ea,

@@ -14,6 +14,13 @@ from tfopt.examples import compile_classifier, digits_cnn  # noqa: E402
 tf.config.experimental.enable_tensor_float_32_execution(False)
 
 
+def pytest_terminal_summary(terminalreporter):
+    """The CPU beside `make test`'s time, as README quotes it."""
+    from tfopt.targets._cpu_int8 import describe_cpu
+
+    terminalreporter.write_line(describe_cpu())
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     keras.utils.set_random_seed(0)

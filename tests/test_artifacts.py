@@ -65,19 +65,32 @@ def test_every_engine_returns_the_outputs_named_and_ordered_like_the_manifest(tm
     assert {"saved_model", "ort_cpu"} <= backends
 
 
-def test_onnx_runner_and_gpu_benchmark_loader_work_without_tensorflow(tmp_path):
-    result = tfopt.export(two_in_two_out(), tmp_path, formats=("onnx",))
+def test_onnx_runner_and_gpu_benchmark_halves_work_without_tensorflow(tmp_path):
+    """The GPU benchmarks' two halves on a tiny model: ``prepare`` keeps only the graph,
+    ``run`` (no TensorFlow there) fills its weights and times it with tfopt's runner."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _gpu_common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    model = two_in_two_out()
+    _, _, graph = _gpu_common.export_graph(model, tmp_path, "tiny",
+                                           [np.ones((2, 6), "float32"), np.ones((2, 4), "float32")],
+                                           size_threshold=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.onnx"]  # weights left behind
     code = textwrap.dedent(f"""
         import sys
         sys.modules["tensorflow"] = None  # any import of TensorFlow fails
         sys.modules["keras"] = None
         sys.path.insert(0, {str(ROOT / 'benchmarks')!r})
         import numpy as np
-        import gpu_onnx
-        timing, ort_runners = gpu_onnx._import_tfopt_bench()
-        (runner,) = ort_runners.onnx_runners({str(result.paths['onnx'])!r},
-                                             providers=["CPUExecutionProvider"])
-        out = runner([np.zeros((2, 6), "float32"), np.zeros((2, 4), "float32")])
+        import _gpu_common, gpu, gpu_onnx  # both GPU benchmarks load without TensorFlow
+        full = {str(tmp_path / 'full.onnx')!r}
+        _gpu_common.fill_weights({str(graph)!r}, full)
+        timing, ort_runners = _gpu_common.import_tfopt_bench()
+        (runner,) = ort_runners.onnx_runners(full, providers=["CPUExecutionProvider"])
+        out = runner([np.ones((2, 6), "float32"), np.ones((2, 4), "float32")])
+        assert np.abs(out["score"]).sum() > 0  # the weights were filled
         print(list(out), timing.measure(lambda: None, repeats=2).runs)
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -404,3 +404,4 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
     for precision, result in exports.items():
         shutil.copy2(result.directory / "manifest.json", output / f"manifest_{precision}.json")
     metrics["headline"] = headline
+    metrics["cpu"] = report.cpu_line()

@@ -135,6 +135,7 @@ def _cmd_run(args) -> int:
         raise UsageError(f"--output {output} is a file; pass a folder (created if missing)")
     metrics = _pipeline.run(recipe, output, verbose=0 if args.quiet else 1)
     print(metrics["headline"])
+    print(metrics["cpu"])
     print(f"Report: {output / 'report.md'}")
     return 0
 

@@ -18,6 +18,7 @@ from tfopt.artifacts._runner import Runner
 from tfopt.bench import _backends, _memory
 from tfopt.bench._timing import measure
 from tfopt.errors import ConfigError
+from tfopt.targets import _cpu_int8
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +76,10 @@ class BenchReport:
     def cpu_line(self) -> str:
         """Which CPU, which instruction sets were found, what OpenVINO's CPU plugin offers."""
         env = self.environment
-        text = (f"CPU: {env.get('cpu') or 'unknown'}, {env.get('cpus')} cores; instruction sets "
-                f"found: {', '.join(env.get('cpu_isa') or []) or 'none of AVX512-VNNI/AMX'}")
+        isa = env.get("cpu_isa") or "unknown"
+        if not isinstance(isa, str):  # reports written before the ISA was a string of flags
+            isa = " ".join(isa)
+        text = f"CPU: {env.get('cpu') or 'unknown'}, {env.get('cpus')} cores, ISA: {isa}"
         if env.get("openvino_cpu_capabilities"):
             text += (f"; OpenVINO {env.get('openvino')} CPU plugin: "
                      f"{', '.join(env['openvino_cpu_capabilities'])}")
@@ -417,7 +420,8 @@ def _environment() -> dict:
     import tensorflow as tf
 
     env = {"python": platform.python_version(), "tensorflow": tf.__version__,
-           "keras": keras.__version__, "cpus": os.cpu_count(), "machine": platform.machine()}
+           "keras": keras.__version__, "cpus": _cpu_int8.cores(), "machine": platform.machine(),
+           "cpu": _cpu_int8.cpu_name(), "cpu_isa": _cpu_int8.instruction_set()}
     try:
         import onnxruntime
 
@@ -428,8 +432,6 @@ def _environment() -> dict:
     from tfopt.artifacts._openvino import cpu_features
 
     features = cpu_features()
-    env["cpu"] = features.get("device") or platform.processor()
-    env["cpu_isa"] = features["isa"]
     if features.get("openvino"):
         env["openvino"] = features["openvino"].split("-")[0]
         env["openvino_cpu_capabilities"] = features["capabilities"]

@@ -26,6 +26,7 @@ weights, whatever order the kernel pairs them in.
 from __future__ import annotations
 
 import dataclasses
+import os
 import platform
 import sys
 from typing import Optional
@@ -228,3 +229,20 @@ def instruction_set(flags: Optional[set] = None) -> str:
     shown = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
              if f in flags]
     return " ".join(shown) if shown else "unknown"
+
+
+def cores() -> int:
+    """The CPU cores this process may run on (its affinity, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def describe_cpu() -> str:
+    """``"CPU: <name>, <n> cores, ISA: <flags>"``: the line every CPU figure is quoted with.
+
+    README's figures carry it as their commands print it (tests/test_readme.py
+    checks the shape).
+    """
+    return f"CPU: {cpu_name()}, {cores()} cores, ISA: {instruction_set()}"
