@@ -167,6 +167,9 @@ def markdown(results: dict) -> str:
         for key in ("dense", "channels 50%"):
             lines.append(f"| {key} | {d[key]['params']:,} | {_flops.human(d[key]['flops'])} | "
                          f"{100 * d[key]['accuracy']:.2f}% |")
+    cpu = results["environment"].get("cpu", "")
+    if cpu.startswith("CPU: "):  # runs before the CPU line was recorded have none
+        lines += ["", cpu]
     return "\n".join(lines)
 
 

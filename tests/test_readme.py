@@ -63,4 +63,69 @@ def test_readme_headline_example_has_the_shape_of_todays_report():
     assert HEADLINE.fullmatch(today), today
     lines = headline_block().strip().splitlines()
     assert HEADLINE.fullmatch(lines[0]), f"README's headline is not today's shape:\n{lines[0]}"
-    assert re.fullmatch(r"Report: runs/digits_prune_qat/report\.md", lines[1])
+    assert CPU_LINE.match(lines[1]), f"README's headline lost the CPU line `tfopt run` prints:\n{lines[1]}"
+    assert re.fullmatch(r"Report: runs/digits_prune_qat/report\.md", lines[2])
+
+
+# Machine-dependent figures (timings, speed-ups) sit between `<!-- figure: COMMAND -->` and
+# `<!-- /figure -->`, with the machine line the command prints:
+# tfopt.targets._cpu_int8.describe_cpu() for CPUs, the device's name for GPUs.
+FIGURE = re.compile(r"<!-- figure: (?P<command>[^>]+?) -->\n(?P<body>.*?)<!-- /figure -->", re.S)
+ISA_FLAGS = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8"}
+CPU_LINE = re.compile(r"CPU: (?P<name>[^,\n]+), (?P<cores>\d+) cores, ISA: (?P<isa>[a-z0-9_ ]+)")
+GPU_LINE = re.compile(r"GPU: NVIDIA [A-Z]\d+")
+# A timing or a speed-up: what a machine decides.
+MACHINE_FIGURE = re.compile(r"\d ?ms\b|\d\.\d+x\b|\dx faster|images/s|\d min \d+ s|\d minutes")
+ROOT = README.parent
+
+
+def figures(text):
+    return [(m.group("command"), m.group("body"), m.start()) for m in FIGURE.finditer(text)]
+
+
+def line_of(text, offset):
+    return text.count("\n", 0, offset) + 1
+
+
+def test_every_machine_dependent_figure_names_its_command_and_machine():
+    text = README.read_text()
+    found = figures(text)
+    assert len(found) >= 5, "README lost its figure markers"
+    for command, body, offset in found:
+        where = f"README.md:{line_of(text, offset)} ({command})"
+        if command.startswith("make "):
+            target = command.split()[1]
+            assert re.search(rf"^{target}:", (ROOT / "Makefile").read_text(), re.M), where
+            printer = ROOT / ("tests/conftest.py" if target == "test" else "tfopt/_pipeline.py")
+        else:
+            script = re.match(r"python3? (benchmarks/\w+\.py)\b", command)
+            assert script, f"{where}: a figure's command is `make ...` or `python benchmarks/...`"
+            printer = ROOT / script.group(1)
+            assert printer.exists(), where
+        gpu = GPU_LINE.search(body)
+        if gpu:
+            assert "device" in printer.read_text(), f"{where}: the script does not print its GPU"
+            continue
+        cpu = CPU_LINE.search(body)
+        assert cpu, f"{where}: no 'CPU: <name>, <n> cores, ISA: <flags>' line beside the figure"
+        assert set(cpu.group("isa").split()) <= ISA_FLAGS, (where, cpu.group("isa"))
+        source = printer.read_text()
+        assert "describe_cpu" in source or "cpu_line" in source, \
+            f"{where}: {printer.name} does not print the CPU line it is quoted with"
+
+
+def test_no_timing_or_speed_up_outside_a_figure():
+    text = README.read_text()
+    outside = FIGURE.sub(lambda m: "\n" * m.group(0).count("\n"), text)
+    stray = [f"README.md:{number}: {line.strip()[:90]}"
+             for number, line in enumerate(outside.splitlines(), 1)
+             if MACHINE_FIGURE.search(line)]
+    assert not stray, "figures without their command and CPU:\n" + "\n".join(stray)
+
+
+def test_the_figure_checks_catch_a_bare_figure():
+    planted = "text\n<!-- figure: python benchmarks/channels.py -->\n| a | 3.2x |\n<!-- /figure -->\n"
+    ((command, body, _),) = figures(planted)
+    assert command == "python benchmarks/channels.py" and not CPU_LINE.search(body)
+    assert MACHINE_FIGURE.search("ResNet50 runs 2.8x / 3.4x faster")
+    assert CPU_LINE.fullmatch("CPU: AMD EPYC, 2 cores, ISA: avx2 avx512f avx512_vnni")
