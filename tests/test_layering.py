@@ -20,7 +20,7 @@ RANKS = [
     {"tfopt._version", "tfopt.errors", "tfopt._warn", "tfopt._quiet", "tfopt.targets",
      "tfopt.datasets", "tfopt.examples"},
     {"tfopt._compat", "tfopt._checks", "tfopt._recipe"},
-    {"tfopt._tree", "tfopt._substitute"},
+    {"tfopt._tree", "tfopt._substitute", "tfopt.distribute"},
     {"tfopt._prunable", "tfopt._flops", "tfopt.artifacts"},
     {"tfopt.pruning", "tfopt.quantization"},
     {"tfopt.strip", "tfopt.callbacks"},

@@ -11,7 +11,7 @@ Example:
     >>> tfopt.sparsity(plain)
 """
 
-from tfopt import bench, callbacks, datasets, errors, examples
+from tfopt import bench, callbacks, datasets, distribute, errors, examples
 from tfopt.export import ExportResult, export
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
@@ -27,6 +27,7 @@ __all__ = [
     "bench",
     "callbacks",
     "datasets",
+    "distribute",
     "errors",
     "examples",
     "export",

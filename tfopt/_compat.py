@@ -309,3 +309,77 @@ def import_tensorrt():
             "'tfopt[tensorrt]' (TensorRT 10 or 11). The 'onnx' format needs no GPU."
         ) from exc
     return tensorrt, int(tensorrt.__version__.split(".")[0])
+
+
+# Keras 3 versions whose MultiWorkerMirroredStrategy path in fit() fails the way
+# keras_multi_worker_fixes() mends (keras-team/keras#20585, tensorflow#72388), and on
+# which the fix was tested. Other versions: refused, so a change upstream is noticed.
+MULTI_WORKER_FIXED_KERAS = ("3.15",)
+
+
+@contextlib.contextmanager
+def keras_multi_worker_fixes() -> Iterator[None]:
+    """Mend the two spots of Keras 3's TensorFlow trainer that fail under MultiWorkerMirroredStrategy.
+
+    1. ``TensorFlowTrainer._maybe_symbolic_build`` builds the model from the
+       first distributed batch by ``strategy.reduce("MEAN", batch)``, which a
+       multi-worker strategy cannot do eagerly on a ``PerReplica``
+       (``Attempt to convert a value (PerReplica...) to a Tensor``). Building
+       needs shapes only: the first replica's values are used.
+    2. ``reduce_per_replica(..., "auto")`` averages each logged value with
+       ``strategy.reduce("MEAN", v, axis=0)``, which fails on the scalar loss
+       and metrics (``Invalid reduction dimension 0 for input with 0
+       dimensions``). Scalars are averaged over replicas (``axis=None``).
+
+    Both are patched on the classes for the duration of the ``with`` block and
+    restored after it; nothing changes for other strategies.
+    """
+    from tfopt.errors import ConfigError
+
+    version = ".".join(keras.__version__.split(".")[:2])
+    if version not in MULTI_WORKER_FIXED_KERAS:
+        raise ConfigError(
+            f"tfopt's MultiWorkerMirroredStrategy fixes were tested on Keras "
+            f"{', '.join(MULTI_WORKER_FIXED_KERAS)}, not {keras.__version__}. Try fit() "
+            "without them (the upstream bug, keras-team/keras#20585, may be fixed in your "
+            "version), or install a tested Keras.")
+    import tensorflow as tf
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    def symbolic_build_from_local_values(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                data_batch = tree.map_structure(
+                    lambda x: strategy.experimental_local_results(x)[0]
+                    if isinstance(x, tf.distribute.DistributedValues) else x, next(it))
+                break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    original_reduce = tf_trainer.reduce_per_replica
+
+    def reduce_scalars_too(values, strategy, reduction):
+        if reduction in ("auto", "mean") and tf_trainer._collective_all_reduce_multi_worker(
+                strategy):
+            def one(v):
+                # one replica per worker: plain tensors; several: PerReplica values
+                local = v.values[0] if tf_trainer._is_per_replica_instance(v) else v
+                if getattr(local, "shape", None) is not None and local.shape.rank == 0:
+                    return strategy.reduce("MEAN", v, axis=None)
+                return original_reduce(v, strategy, reduction)
+            return tree.map_structure(one, values)
+        return original_reduce(values, strategy, reduction)
+
+    trainer_class = tf_trainer.TensorFlowTrainer
+    original_build = trainer_class._maybe_symbolic_build
+    trainer_class._maybe_symbolic_build = symbolic_build_from_local_values
+    tf_trainer.reduce_per_replica = reduce_scalars_too
+    try:
+        yield
+    finally:
+        trainer_class._maybe_symbolic_build = original_build
+        tf_trainer.reduce_per_replica = original_reduce

@@ -14,7 +14,8 @@ import keras
 import numpy as np
 
 import tfopt
-from tfopt import _recipe
+from tfopt import _recipe, distribute
+from tfopt.targets import _cpu_int8
 from tfopt._recipe import Recipe, RecipeError
 from tfopt.errors import BackendUnavailableError, ConfigError
 
@@ -174,6 +175,11 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     spec = recipe.spec
     output = Path(output)
     check_ready(recipe)
+    worker = distribute.current_worker()
+    if not worker.is_chief:  # every worker of a cluster runs the same command
+        return {"headline": f"Nothing written to {output}: {worker} is not the chief; the "
+                            "chief runs the recipe.", "cpu": _cpu_int8.describe_cpu(),
+                "skipped": str(worker)}
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     keras.utils.set_random_seed(int(spec.get("seed", 0)))

@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfopt import _checks, _compat
+from tfopt import _checks, _compat, distribute
 from tfopt._quiet import third_party_quiet
 from tfopt._version import __version__
 from tfopt._warn import warn_user
@@ -51,6 +51,7 @@ class ExportResult:
             "mean_tolerance", "basis"}}}``: each output's error and what it was allowed.
         sizes: ``{format: {"raw": bytes, "gzip": bytes}}``.
         manifest: The contents of ``manifest.json`` (also written to disk).
+        skipped: Why nothing was written (a worker that is not the chief), or None.
     """
 
     directory: Path
@@ -58,6 +59,9 @@ class ExportResult:
     errors: dict
     sizes: dict
     manifest: dict
+    # On a worker of a multi-worker cluster that is not the chief: nothing was written,
+    # and this says which worker this was (tfopt.distribute).
+    skipped: Optional[str] = None
 
     @property
     def max_abs_error(self) -> float:
@@ -72,6 +76,8 @@ class ExportResult:
         return max(values) if values else 0.0
 
     def summary(self) -> str:
+        if self.skipped:
+            return f"Nothing written to {self.directory}: {self.skipped}."
         lines = [f"{'artifact':<14}{'size':>12}{'gzip':>12}{'max |diff|':>12}  path"]
         for fmt, path in self.paths.items():
             size = self.sizes.get(fmt, {})
@@ -173,13 +179,21 @@ def export(model, directory: Union[str, os.PathLike], *,
             are refused with it; export them in a call of their own.
 
     Returns:
-        An :class:`ExportResult`.
+        An :class:`ExportResult`. On a worker of a multi-worker cluster that
+        is not its chief (``TF_CONFIG``, see :mod:`tfopt.distribute`),
+        nothing is built or written, and the result's ``skipped`` says so.
 
     Example:
         >>> result = tfopt.export(tfopt.strip(pruned), "out/digits",
         ...                       formats=("saved_model", "onnx"), validation_data=x[:64])
         >>> result.paths["onnx"], result.max_abs_error
     """
+    worker = distribute.current_worker(getattr(model, "distribute_strategy", None))
+    if not worker.is_chief:
+        # Every worker of a cluster runs the same script; the chief writes for all of them.
+        logger.info("Export to %s skipped: %s is not the chief.", directory, worker)
+        return ExportResult(Path(directory), {}, {}, {}, {},
+                            skipped=f"{worker} is not the chief; the chief exports")
     plan = _plan(model, directory, formats=formats, precision=precision,
                  input_signature=input_signature, validation_data=validation_data,
                  version=version, overwrite=overwrite, freeze=freeze, warmup=warmup,
