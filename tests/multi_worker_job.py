@@ -3,7 +3,8 @@
 Usage: python multi_worker_job.py MODE OUT EPOCHS [KILL_AFTER_EPOCH]
 
 NO_FIXES=1 in the environment trains without tfopt.distribute.multi_worker_fixes().
-MODE is "prune" (unstructured pruning with PruningStep) or "qat". Each worker
+MODE is "prune" (unstructured pruning with PruningStep, 4 steps an epoch, the
+schedule ending at step 12: a kill after epoch 1 is mid-schedule) or "qat". Each worker
 trains the digits CNN under MultiWorkerMirroredStrategy inside
 tfopt.distribute.multi_worker_fixes(), backs up through BackupAndRestore at a
 path of its own (tfopt.distribute.worker_path), writes every variable it ends
@@ -67,7 +68,7 @@ def main(mode: str, out: str, epochs: int, kill_after=None) -> None:
     callbacks = []
     with strategy.scope():
         if mode == "prune":
-            model = tfopt.prune(digits_cnn(), tfopt.PolynomialDecay(0.0, 0.7, 0, 6, frequency=2))
+            model = tfopt.prune(digits_cnn(), tfopt.PolynomialDecay(0.0, 0.7, 0, 12, frequency=2))
             callbacks.append(tfopt.callbacks.PruningStep())
         else:
             model = tfopt.quantize(digits_cnn(), calibration_data=x[:32])
