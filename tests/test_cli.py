@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +182,101 @@ def test_recipe_model_sources_keras_file_module_function_and_keras_applications(
                                    "classes": 7}})
     assert isinstance(applied, keras.Model) and applied.output_shape == (None, 7)
     assert applied.input_shape == (None, 32, 32, 3)
+
+
+def test_a_run_killed_mid_way_resumes_from_its_last_stage(tmp_path):
+    """SIGKILL once the pruned model is saved; --resume goes on from it, skipping the
+    training and pruning it already did."""
+    import signal
+    import time
+
+    recipe = write(tmp_path, GOOD + textwrap.dedent("""\
+        train: {epochs: 1}
+        quantize: {epochs: 30, calibration_samples: 32}
+        export: {formats: [onnx]}
+        bench: {batch_sizes: [1], repeats: 2, warmup: 0, min_seconds: 0, memory: false}
+    """))
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "tfopt.cli", "-q", "run", str(recipe),
+                                "--output", str(out)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "stages" / "pruned.keras").exists():
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "the run never saved its pruned stage"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not (out / "metrics.json").exists()
+    state = json.loads((out / "stages" / "state.json").read_text())
+    assert state["finished"] == ["trained", "pruned"]
+
+    resumed = tfopt_cli("-q", "run", recipe, "--output", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    steps = json.loads((out / "metrics.json").read_text())["steps"]
+    assert steps[0] == "dense training: resumed from stages/trained.keras"
+    assert steps[1] == "pruning: resumed from stages/pruned.keras"
+    assert steps[2].startswith("quantization-aware training (int8)")
+
+    recipe.write_text(recipe.read_text().replace("epochs: 30", "epochs: 2"))
+    changed = tfopt_cli("run", recipe, "--output", out, "--resume")
+    assert changed.returncode == 2 and "changed since the run" in changed.stderr
+
+
+def test_export_and_bench_commands_read_a_folder_of_images(tmp_path):
+    import keras
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            (tmp_path / "images" / label / f"{i}.png").write_bytes(
+                tf.io.encode_png(pixels).numpy())
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    keras.Model(inputs, keras.layers.Dense(2)(x)).save(tmp_path / "m.keras")
+
+    out = tmp_path / "out"
+    result = tfopt_cli("export", tmp_path / "m.keras", "-f", "onnx", "-o", out,
+                       "--data", tmp_path / "images", "--tolerance", "1e-4")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "No validation_data" not in result.stderr
+    result = tfopt_cli("bench", out / "model.onnx", "--data", tmp_path / "images", "--batch",
+                       "1,4", "--repeats", "2", "--no-memory", "--json", tmp_path / "b.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    bench = json.loads((tmp_path / "b.json").read_text())
+    assert bench["environment"]["accuracy_samples"] == 12
+    assert all(r["accuracy"] is not None for r in bench["rows"])
+    both = tfopt_cli("bench", out / "model.onnx", "--data", tmp_path / "images",
+                     "--inputs", tmp_path / "x.npy")
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_bench_tells_two_savedmodels_apart_and_sizes_each(tmp_path):
+    from tfopt.examples import digits_cnn
+
+    large_result = tfopt.export(digits_cnn(), tmp_path / "a", formats=("saved_model",))
+    small_result = tfopt.export(functional(), tmp_path / "b", formats=("saved_model",))
+    assert large_result.sizes["saved_model"]["raw"] != small_result.sizes["saved_model"]["raw"]
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+    report = tfopt.bench.run([large_result.paths["saved_model"],
+                              small_result.paths["saved_model"]], x, batch_sizes=(1,),
+                             repeats=2, warmup=0, min_seconds=0, progress=False, memory=False)
+    names = [r.name for r in report.rows]
+    assert len(set(names)) == 2, names
+    by_name = {r.name: r.size_bytes for r in report.rows}
+    for name, result in zip(names, (large_result, small_result)):
+        assert by_name[name] == result.sizes["saved_model"]["raw"], (name, by_name)
+
+
+def test_inspect_reads_an_openvino_folder(tmp_path):
+    from tfopt.artifacts._openvino import available
+
+    if not available():
+        pytest.skip("openvino is not installed")
+    result = tfopt.export(functional(), tmp_path / "ov", formats=("openvino",))
+    done = tfopt_cli("inspect", result.paths["openvino"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "OpenVINO IR" in done.stdout and "no FakeQuantize: a float model" in done.stdout

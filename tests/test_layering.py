@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "tfopt"
 RANKS = [
     {"tfopt._version", "tfopt.errors", "tfopt._warn", "tfopt._quiet", "tfopt.targets",
      "tfopt.datasets", "tfopt.examples"},
-    {"tfopt._compat", "tfopt._checks", "tfopt._recipe"},
+    {"tfopt._compat", "tfopt._checks", "tfopt._recipe", "tfopt._data"},
     {"tfopt._tree", "tfopt._substitute", "tfopt.distribute"},
     {"tfopt._prunable", "tfopt._flops", "tfopt.artifacts"},
     {"tfopt.pruning", "tfopt.quantization"},

@@ -4,6 +4,9 @@ import pytest
 
 import tfopt
 from tfopt.errors import ConfigError
+from tfopt.examples import compile_classifier, digits_cnn
+
+from conftest import small_data
 
 
 def evaluate(schedule, steps):
@@ -67,3 +70,34 @@ def test_schedules_round_trip_through_keras_serialization(schedule):
     assert restored == schedule
     steps = np.arange(0, 600, 13)
     assert evaluate(restored, steps) == evaluate(schedule, steps)
+
+
+def test_update_steps_are_the_steps_should_prune_names():
+    schedule = tfopt.PolynomialDecay(0.0, 0.7, begin_step=10, end_step=305, frequency=100)
+    steps = schedule.update_steps(0, 500)
+    assert steps == [10, 110, 210, 305]
+    assert steps == [s for s in range(501) if bool(schedule.should_prune(s))]
+    assert schedule.update_steps(150, 250) == [210]
+
+
+def test_a_gradual_schedule_with_too_few_updates_is_named_with_its_numbers():
+    from tfopt.pruning._schedules import fit_plan_problem
+
+    # The case: 42 steps an epoch, 3 epochs, tfmot's default frequency of 100.
+    coarse = tfopt.PolynomialDecay(0.0, 0.7, 0, end_step=42 * 3)
+    problem = fit_plan_problem(coarse, 0, 42 * 3)
+    assert "updates the masks 3 time(s)" in problem and "[0, 100, 126]" in problem
+    assert "frequency=12" in problem
+    assert fit_plan_problem(tfopt.PolynomialDecay(0.0, 0.7, 0, 126, frequency=10), 0, 126) is None
+    short = fit_plan_problem(tfopt.PolynomialDecay(0.0, 0.7, 0, 1000, frequency=10), 0, 66)
+    assert "step 1000" in short and "steps 0-65" in short
+    assert fit_plan_problem(tfopt.ConstantSparsity(0.5), 0, 66) is None  # one cut by design
+
+
+def test_pruning_step_warns_about_a_schedule_this_fit_runs_badly():
+    x, y = small_data(64)
+    pruned = tfopt.prune(digits_cnn(), tfopt.PolynomialDecay(0.0, 0.5, 0, 3))
+    compile_classifier(pruned)
+    with pytest.warns(UserWarning, match=r"updates the masks 2 time\(s\)"):
+        pruned.fit(x, y, batch_size=32, epochs=2, verbose=0,
+                   callbacks=[tfopt.callbacks.PruningStep()])

@@ -24,10 +24,12 @@ def summary(path: Path, baseline: Path | None = None) -> str:
         return _saved_model_summary(path)
     if (path / "manifest.json").is_file():
         return _export_summary(path)
+    if path.suffix == ".xml" and path.is_file() or (path.is_dir() and any(path.glob("*.xml"))):
+        return _openvino_summary(path)
     raise ArtifactLoadError(
         f"{path} is not something tfopt inspect reads: pass a .keras file, an .onnx file, "
-        "a SavedModel folder (with saved_model.pb) or a tfopt export folder (with "
-        "manifest.json).")
+        "a SavedModel folder (with saved_model.pb), an OpenVINO IR (.xml or its folder) or a "
+        "tfopt export folder (with manifest.json).")
 
 
 def _load_failed(path, exc) -> ArtifactLoadError:
@@ -149,6 +151,32 @@ def _saved_model_summary(path: Path) -> str:
                   for k, v in serving.structured_input_signature[1].items()}
         outputs = {k: (tuple(v.shape), v.dtype.name) for k, v in serving.structured_outputs.items()}
         rows.append(f"\nserving_default: inputs {inputs}, outputs {outputs}")
+    return "\n".join(rows)
+
+
+def _openvino_summary(path: Path) -> str:
+    """Inputs, outputs, operation counts and int8 FakeQuantize nodes of an OpenVINO IR."""
+    import collections
+
+    from tfopt.artifacts._openvino import _core, import_openvino, model_path
+
+    import_openvino()  # a clear error when OpenVINO is not installed
+    xml = model_path(path)
+    try:
+        model = _core().read_model(str(xml))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises RuntimeError for all of it
+        raise _load_failed(xml, exc) from None
+    ops = collections.Counter(op.get_type_name() for op in model.get_ops())
+
+    def describe(ports):
+        return {p.get_any_name(): str(p.get_partial_shape()) for p in ports}
+
+    rows = [f"{xml.name}: OpenVINO IR, {sum(ops.values())} operations",
+            f"inputs {describe(model.inputs)}, outputs {describe(model.outputs)}"]
+    quantized = ops.get("FakeQuantize", 0)
+    rows.append(f"int8: {quantized} FakeQuantize nodes (run as int8 kernels)" if quantized
+                else "no FakeQuantize: a float model")
+    rows.append("operations: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(8)))
     return "\n".join(rows)
 
 

@@ -9,6 +9,7 @@ import math
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import keras
 import numpy as np
@@ -22,7 +23,7 @@ from tfopt.errors import BackendUnavailableError, ConfigError
 logger = logging.getLogger(__name__)
 
 
-def _model_factory(spec: dict):
+def _model_factory(spec: dict, beside: Optional[Path] = None):
     """``(callable, args, label)`` that builds the recipe's model; nothing is built yet."""
     source, args = spec["source"], dict(spec.get("args") or {})
     if source == "digits_cnn":
@@ -47,7 +48,7 @@ def _model_factory(spec: dict):
                               "model, relative to where tfopt runs.")
         return keras.models.load_model, {"filepath": source}, source
     if ":" in source:
-        return _recipe.import_entry_point(source), args, source
+        return _recipe.import_entry_point(source, beside), args, source
     raise RecipeError(
         f"model.source {source!r}: use 'digits_cnn', 'keras.applications.NAME', a .keras "
         "file, or 'module:function'.")
@@ -84,15 +85,22 @@ def _check_synthetic(args: dict) -> dict:
     return args
 
 
-def _data_factory(spec: dict):
+def _data_factory(spec: dict, beside: Optional[Path] = None):
     source, args = spec["source"], dict(spec.get("args") or {})
     if source == "digits":
         return tfopt.datasets.load_digits, args, "digits"
     if source == "synthetic":
         return _synthetic, args, "synthetic"
+    if source == "image_folder":
+        directory = args.get("directory")
+        if isinstance(directory, str) and beside is not None and not Path(directory).exists() \
+                and (beside / directory).exists():
+            args["directory"] = str(beside / directory)  # relative to the recipe's folder
+        return tfopt.datasets.image_folder, args, "image_folder"
     if ":" in source:
-        return _recipe.import_entry_point(source), args, source
-    raise RecipeError(f"data.source {source!r}: use 'digits', 'synthetic' or 'module:function'.")
+        return _recipe.import_entry_point(source, beside), args, source
+    raise RecipeError(f"data.source {source!r}: use 'digits', 'synthetic', 'image_folder' or "
+                      "'module:function'.")
 
 
 def _check_arguments(section: str, factory, args: dict, label: str) -> None:
@@ -119,10 +127,11 @@ def check_ready(recipe: Recipe) -> None:
     (TensorRT and a GPU, TF-TRT, Triton's protobufs) are looked up.
     """
     spec = recipe.spec
-    factory, args, label = _model_factory(spec["model"])
+    beside = recipe.path.parent
+    factory, args, label = _model_factory(spec["model"], beside)
     if factory is not keras.models.load_model:
         _check_arguments("model", factory, args, label)
-    factory, args, label = _data_factory(spec["data"])
+    factory, args, label = _data_factory(spec["data"], beside)
     if factory is _synthetic:
         _check_synthetic(args)
     _check_arguments("data", factory, args, label)
@@ -146,18 +155,154 @@ def check_ready(recipe: Recipe) -> None:
         from tfopt.export import _triton
 
         _triton._model_config_pb2()
+    if "openvino" in formats and not _openvino_available():
+        raise BackendUnavailableError(
+            "export.formats lists openvino, which is not installed: pip install openvino, "
+            "or remove openvino from export.formats.")
 
 
-def load_model(spec: dict) -> keras.Model:
-    factory, args, label = _model_factory(spec)
+def load_model(spec: dict, beside: Optional[Path] = None) -> keras.Model:
+    factory, args, label = _model_factory(spec, beside)
     return factory(**args)
 
 
-def load_data(spec: dict):
-    factory, args, label = _data_factory(spec)
+def load_data(spec: dict, beside: Optional[Path] = None):
+    factory, args, label = _data_factory(spec, beside)
     if factory is _synthetic:
         args = _check_synthetic(args)
-    return factory(**args)
+    try:
+        return factory(**args)
+    except ConfigError as exc:
+        raise RecipeError(f"data ({label}): {exc}") from None
+
+
+class _Data:
+    """The recipe's data: arrays ``((x, y), (x_test, y_test))`` or ``(train, validation)``
+    datasets of ``(inputs, labels)`` batches (``image_folder``, or a ``module:function``
+    that returns them). Datasets are streamed, never loaded whole."""
+
+    def __init__(self, loaded, source: str):
+        from tfopt import _data
+
+        self.source = source
+        try:
+            first, second = loaded
+        except (TypeError, ValueError):
+            first = second = None
+        if _data.is_dataset(first) and _data.is_dataset(second):
+            self.train, self.test = first, second
+            self.streamed = True
+            for name, dataset in (("training", first), ("validation", second)):
+                if not _data.is_labelled(dataset):
+                    raise RecipeError(f"data.source {source!r}: the {name} dataset must yield "
+                                      "(inputs, labels) batches, as fit() takes.")
+            return
+        self.streamed = False
+        try:
+            (x, y), (x_test, y_test) = loaded
+            if len(x) != len(y) or len(x_test) != len(y_test) or not len(x) or not len(x_test):
+                raise ValueError("lengths")
+        except (TypeError, ValueError):
+            raise RecipeError(
+                f"data.source {source!r} must return ((x, y), (x_test, y_test)), non-empty "
+                "arrays with one label per row, or (train, validation) tf.data.Datasets of "
+                "(inputs, labels) batches.") from None
+        self.train, self.test = (x, y), (x_test, y_test)
+
+    def fit(self, model, *, epochs: int, batch_size: int, verbose: int, callbacks=()):
+        if self.streamed:  # batched by the dataset itself
+            return model.fit(self.train, epochs=epochs, verbose=verbose, callbacks=list(callbacks),
+                             shuffle=False)  # a dataset shuffles itself (image_folder does)
+        x, y = self.train
+        return model.fit(x, y, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                         callbacks=list(callbacks))
+
+    def steps_per_epoch(self, batch_size: int) -> int:
+        if not self.streamed:
+            return math.ceil(len(self.train[0]) / batch_size)
+        import tensorflow as tf
+
+        steps = int(self.train.cardinality())
+        if steps < 0:  # unknown or infinite: counted by reading it (file names, not images)
+            if steps == int(tf.data.INFINITE_CARDINALITY):
+                raise RecipeError(f"data.source {self.source!r}: the training dataset repeats "
+                                  "forever; give one epoch of it (no .repeat()).")
+            steps = sum(1 for _ in self.train)
+        return max(1, steps)
+
+    def evaluate(self, model) -> float:
+        if self.streamed:
+            return float(model.evaluate(self.test, verbose=0)[1])
+        return float(model.evaluate(*self.test, verbose=0)[1])
+
+    def inputs(self, samples: int, split: str = "test"):
+        """The first ``samples`` inputs of a split, in memory (validation, calibration)."""
+        data = self.test if split == "test" else self.train
+        if self.streamed:
+            from tfopt import _data
+
+            return _data.inputs_from_dataset(data, samples, f"the {split} data")
+        return data[0][:samples]
+
+    def bench_inputs(self):
+        """What ``tfopt.bench.run`` takes: ``(inputs, labels)``; labels None for a dataset,
+        whose own labels are read, and for synthetic data, whose accuracy means nothing."""
+        if self.streamed:
+            return self.test, None
+        return self.test[0], None if self.source == "synthetic" else self.test[1]
+
+
+class _Stages:
+    """Each finished stage's model, saved under ``output/stages`` before the next begins.
+
+    ``state.json`` names the finished stages and the recipe they came from (its
+    text's SHA-256): ``tfopt run --resume`` loads the last one and goes on from
+    there, refusing if the recipe changed. Models are written to a temporary
+    name and renamed, so a kill mid-save leaves the previous state whole.
+    """
+
+    ORDER = ("trained", "pruned", "qat")
+
+    def __init__(self, folder: Path, recipe: Recipe, resume: bool):
+        import hashlib
+
+        self.folder = folder
+        self.recipe_hash = hashlib.sha256(recipe.path.read_bytes()).hexdigest()
+        self.finished: list[str] = []
+        state = folder / "state.json"
+        if resume and state.is_file():
+            saved = json.loads(state.read_text())
+            if saved.get("recipe_sha256") != self.recipe_hash:
+                raise RecipeError(
+                    f"--resume: {recipe.path} changed since the run in {folder.parent} "
+                    "began; its saved stages came from the old recipe. Run without --resume "
+                    "to start again.")
+            self.finished = [s for s in saved.get("finished", [])
+                             if (folder / f"{s}.keras").is_file()]
+        elif resume:
+            logger.warning("--resume: nothing to resume in %s; starting from the beginning.",
+                           folder)
+        elif folder.exists():
+            shutil.rmtree(folder)
+
+    def has(self, stage: str) -> bool:
+        return stage in self.finished
+
+    def load(self, stage: str) -> keras.Model:
+        logger.info("Resuming: %s model loaded from %s", stage, self.folder)
+        return keras.models.load_model(self.folder / f"{stage}.keras")
+
+    def save(self, stage: str, model) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.folder / f"{stage}.keras"
+        partial = self.folder / f".{stage}.partial.keras"
+        model.save(partial)
+        partial.replace(final)
+        self.finished = [s for s in self.finished if s != stage] + [stage]
+        state = self.folder / ".state.json.partial"
+        state.write_text(json.dumps({"recipe_sha256": self.recipe_hash,
+                                     "finished": self.finished}, indent=2))
+        state.replace(self.folder / "state.json")
 
 
 def _compile(model, learning_rate: float):
@@ -170,8 +315,13 @@ def _compile(model, learning_rate: float):
     return model
 
 
-def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
-    """Execute a validated recipe; write the report into ``output``; return metrics."""
+def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False) -> dict:
+    """Execute a validated recipe; write the report into ``output``; return metrics.
+
+    Each stage's model is saved under ``output/stages``; with ``resume`` the
+    run goes on from the last stage a previous run of the same recipe
+    finished (see :class:`_Stages`).
+    """
     spec = recipe.spec
     output = Path(output)
     check_ready(recipe)
@@ -183,74 +333,80 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     keras.utils.set_random_seed(int(spec.get("seed", 0)))
-    model = load_model(spec["model"])
-    data = load_data(spec["data"])
-    try:
-        (x, y), (x_test, y_test) = data
-        if len(x) != len(y) or len(x_test) != len(y_test) or not len(x) or not len(x_test):
-            raise ValueError("lengths")
-    except (TypeError, ValueError):
-        raise RecipeError(
-            f"data.source {spec['data']['source']!r} must return ((x, y), (x_test, y_test)), "
-            "non-empty arrays with one label per row.") from None
+    model = load_model(spec["model"], recipe.path.parent)
+    data = _Data(load_data(spec["data"], recipe.path.parent), spec["data"]["source"])
     metrics: dict = {"recipe": str(recipe.path), "name": spec["name"], "steps": []}
+    stages = _Stages(output / "stages", recipe, resume)
 
     def step(name):
         logger.info("%s: %s", spec["name"], name)
         metrics["steps"].append(name)
 
     train = spec.get("train") or {}
-    if train.get("epochs", 0):
-        step(f"dense training, {train['epochs']} epoch(s)")
-        _compile(model, train.get("learning_rate", 1e-3)).fit(
-            x, y, epochs=train["epochs"], batch_size=train.get("batch_size", 32), verbose=verbose)
+    if stages.has("trained"):
+        step("dense training: resumed from stages/trained.keras")
+        model = stages.load("trained")
+    else:
+        if train.get("epochs", 0):
+            step(f"dense training, {train['epochs']} epoch(s)")
+            data.fit(_compile(model, train.get("learning_rate", 1e-3)), epochs=train["epochs"],
+                     batch_size=train.get("batch_size", 32), verbose=verbose)
+        stages.save("trained", model)
     # Pruning and QAT share layers with the model they start from (as tfmot
     # does), so the baseline is measured on a copy of its own.
     baseline = keras.models.clone_model(model)
     baseline.set_weights(model.get_weights())
     _compile(baseline, 1e-3)
-    metrics["baseline_accuracy"] = float(baseline.evaluate(x_test, y_test, verbose=0)[1])
+    metrics["baseline_accuracy"] = data.evaluate(baseline)
+    validation = data.inputs(64)  # what every export is checked on
     # The float model as a user serves it today (the SavedModel, on TF Serving's
     # engine) and on each other engine, so the report tells the engine's gain
     # from the optimization's.
-    openvino = _openvino_available()
+    export = spec.get("export") or {}
+    formats = tuple(export.get("formats", ("saved_model", "onnx")))  # exactly as listed
+    openvino = "openvino" in formats
     baseline_export = tfopt.export(
         baseline, output / "baseline",
         formats=("saved_model", "onnx") + (("openvino",) if openvino else ()),
-        validation_data=x_test[:64], overwrite=True)
+        validation_data=validation, overwrite=True)
 
     current = model
     prune = spec.get("prune")
+    if prune and stages.has("pruned"):
+        step("pruning: resumed from stages/pruned.keras")
+        current = stages.load("pruned")
+    elif prune:
+        current = _prune(current, prune, data, step, verbose)
+        stages.save("pruned", current)
     if prune:
-        current = _prune(current, prune, x, y, step, verbose)
         if prune.get("structure") == "channels":
             metrics["channels"] = _channel_counts(baseline, current)
         else:
             metrics["sparsity"] = tfopt.sparsity(current)
     quantize = spec.get("quantize")
-    if quantize:
-        current = _quantize(current, quantize, x, y, step, verbose)
+    if quantize and stages.has("qat"):
+        step("quantization-aware training: resumed from stages/qat.keras")
+        current = stages.load("qat")
+    elif quantize:
+        current = _quantize(current, quantize, data, step, verbose)
+        stages.save("qat", current)
     if getattr(current, "optimizer", None) is None:
         _compile(current, 1e-3)
-    metrics["final_accuracy"] = float(current.evaluate(x_test, y_test, verbose=0)[1])
+    metrics["final_accuracy"] = data.evaluate(current)
     from tfopt import _flops
 
     metrics["counts"] = {name: {"params": c.params, "flops": c.flops} for name, c in
                          (("baseline", _flops.count(baseline)),
                           ("optimized", _flops.count(current)))}
 
-    export = spec.get("export") or {}
-    formats = tuple(export.get("formats", ("saved_model", "onnx")))
-    if openvino and "openvino" not in formats:
-        formats += ("openvino",)  # OpenVINO is installed: its engine is benchmarked too
     precisions = ["int8"] if quantize else list(export.get("precisions", ["fp32"]))
     exports = {}
     for precision in precisions:
         step(f"export {', '.join(formats)} ({precision})")
         exports[precision] = tfopt.export(
             current, output / "export" / precision, formats=formats, precision=precision,
-            validation_data=x_test[:64], opset=export.get("opset", 17), overwrite=True,
-            placement=export.get("placement", "onnxruntime"))
+            validation_data=validation, opset=export.get("opset", 17), overwrite=True,
+            placement=export.get("placement", "onnxruntime"), tolerance=export.get("tolerance"))
     metrics["exports"] = {p: {"paths": {k: str(v) for k, v in r.paths.items()},
                               "errors": r.errors, "sizes": r.sizes}
                           for p, r in exports.items()}
@@ -266,14 +422,17 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1) -> dict:
             if fmt in result.paths:
                 runners += tfopt.bench.runners_for(result.paths[fmt], f"optimized {fmt}",
                                                    openvino_modes=modes)
-    # Accuracy on random labels means nothing: only report it on real data.
-    labels = None if spec["data"]["source"] == "synthetic" else y_test
+    inputs, labels = data.bench_inputs()
     report = tfopt.bench.run(
-        runners, x_test, labels=labels,
+        runners, inputs, labels=labels,
         batch_sizes=bench.get("batch_sizes", [1, 32]), repeats=bench.get("repeats", 20),
         warmup=bench.get("warmup", 3), min_seconds=bench.get("min_seconds", 0.5),
         progress=bool(verbose), memory=bench.get("memory", True))
     metrics["bench"] = report.to_dict()
+    # Each artifact's accuracy, measured on the engine that runs it, on the whole test split.
+    metrics["artifacts_accuracy"] = {row.name: row.accuracy for row in report.rows
+                                     if row.accuracy is not None}
+    metrics["validation_samples"] = report.environment.get("accuracy_samples")
     metrics["seconds"] = time.perf_counter() - started
     _write_report(output, spec, metrics, report, exports, baseline_export)
     return metrics
@@ -285,12 +444,13 @@ def _openvino_available() -> bool:
     return available()
 
 
-def _prune(model, spec, x, y, step, verbose):
+def _prune(model, spec, data, step, verbose):
     epochs = spec.get("epochs", 10)
     batch = spec.get("batch_size", 32)
-    steps = math.ceil(len(x) / batch)
+    steps = data.steps_per_epoch(batch)
     end = max(1, int(spec.get("ramp_fraction", 0.4) * epochs * steps))
-    frequency = spec.get("frequency", max(1, steps // 4))
+    # four updates an epoch, and at least ten over the ramp (PruningStep warns below five)
+    frequency = spec.get("frequency", max(1, min(steps // 4, end // 10)))
     if spec.get("schedule", "polynomial_decay") == "constant":
         schedule = tfopt.ConstantSparsity(spec.get("final_sparsity", 0.5), 0, end, frequency)
     else:
@@ -309,8 +469,8 @@ def _prune(model, spec, x, y, step, verbose):
         if channels else {}
     pruned = _compile(tfopt.prune(model, schedule, n_m=n_m, layers=layers, **extra),
                       spec.get("learning_rate", 5e-4))
-    pruned.fit(x, y, epochs=epochs, batch_size=batch, verbose=verbose,
-               callbacks=[tfopt.callbacks.PruningStep()])
+    data.fit(pruned, epochs=epochs, batch_size=batch, verbose=verbose,
+             callbacks=[tfopt.callbacks.PruningStep()])
     return _compile(tfopt.strip(pruned), spec.get("learning_rate", 5e-4))
 
 
@@ -328,15 +488,15 @@ def _channel_counts(before, after) -> dict:
             if name in new and new[name] != old[name]}
 
 
-def _quantize(model, spec, x, y, step, verbose):
+def _quantize(model, spec, data, step, verbose):
     epochs = spec.get("epochs", 3)
     step(f"quantization-aware training ({spec.get('config', 'int8')}), {epochs} epoch(s)")
     samples = spec.get("calibration_samples", 256)
     qat = _compile(tfopt.quantize(model, spec.get("config", "int8"),
-                                  calibration_data=x[:samples]),
+                                  calibration_data=data.inputs(samples, "training")),
                    spec.get("learning_rate", 2e-4))
     if epochs:
-        qat.fit(x, y, epochs=epochs, batch_size=spec.get("batch_size", 32), verbose=verbose)
+        data.fit(qat, epochs=epochs, batch_size=spec.get("batch_size", 32), verbose=verbose)
     return qat
 
 
@@ -361,6 +521,12 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
         f"| baseline (dense, float) | {100 * metrics['baseline_accuracy']:.2f}% |",
         f"| optimized | {100 * metrics['final_accuracy']:.2f}% |", "",
     ]
+    if metrics.get("artifacts_accuracy"):
+        lines += [f"On each engine, over all {metrics['validation_samples']} test samples:", "",
+                  "| artifact / engine | accuracy |", "| --- | ---: |"]
+        lines += [f"| {name} | {100 * value:.2f}% |"
+                  for name, value in metrics["artifacts_accuracy"].items()]
+        lines.append("")
     counts = metrics.get("counts")
     if counts:
         from tfopt._flops import human

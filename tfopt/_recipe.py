@@ -12,6 +12,7 @@ import importlib
 import math
 import numbers
 import re
+import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -124,7 +125,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
                                                "tensorrt", "tftrt", "triton"))), False),
                "precisions": (_list_of(_string(("fp32", "fp16", "int8"))), False),
                "opset": (_number(13, 21, integer=True), False),
-               "placement": (_string(("onnxruntime", "tensorrt")), False)},
+               "placement": (_string(("onnxruntime", "tensorrt")), False),
+               "tolerance": (_number(0, 1, low_open=True), False)},
     "bench": {"batch_sizes": (_list_of(POSITIVE_INT), False), "repeats": (POSITIVE_INT, False),
               "warmup": (EPOCHS, False), "min_seconds": (_number(0, 3600), False),
               "openvino_modes": (_list_of(_string(("latency", "throughput"))), False),
@@ -242,17 +244,33 @@ def load(path) -> Recipe:
     return Recipe(path, spec)
 
 
-def import_entry_point(spec: str):
-    """``package.module:function`` -> the function."""
+def import_entry_point(spec: str, beside: Optional[Path] = None):
+    """``package.module:function`` -> the function.
+
+    ``beside``: the recipe's folder. A module there (``prep.py`` next to the
+    recipe) is found without ``PYTHONPATH``; importable modules come first.
+    """
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise RecipeError(f"Entry point {spec!r} must look like 'package.module:function'.")
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            top = module_name.split(".")[0]
+            if beside is None or exc.name != top or not (
+                    (beside / f"{top}.py").is_file() or (beside / top).is_dir()):
+                raise
+            sys.path.insert(0, str(beside))
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(str(beside))
         function = getattr(module, attr)
     except (ImportError, AttributeError) as exc:
         raise RecipeError(f"Cannot import entry point {spec!r}: {exc}. Check the module is "
-                          "importable (on PYTHONPATH) and defines that function.") from None
+                          "importable (on PYTHONPATH, or a .py file beside the recipe) and "
+                          "defines that function.") from None
     if not callable(function):
         raise RecipeError(f"Entry point {spec!r} is a {type(function).__name__}, not a "
                           "function.")

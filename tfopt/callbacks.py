@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 import keras
+import numpy as np
 
 from tfopt import _compat
 from tfopt.errors import ConfigError, NothingToPruneError
@@ -93,11 +95,35 @@ class PruningStep(_Callback):
             )
         for wrapper in found:
             wrapper.set_driven(True)
+        self._check_schedules(found)
         if any(wrapper.needs_retrace for wrapper in found):
             # An earlier fit() failed while tracing: drop its half-traced step.
             _compat.retrace_train_function(self.model)
             for wrapper in found:
                 wrapper.needs_retrace = False
+
+    def _check_schedules(self, found) -> None:
+        """One warning per schedule this fit() would run badly (too few updates, or
+        ending after the last step), with the numbers."""
+        from tfopt.pruning._schedules import fit_plan_problem
+
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if not steps or not epochs:  # a dataset of unknown length: nothing to check
+            return
+        problems = {}
+        for wrapper in found:
+            schedule, counter = getattr(wrapper, "schedule", None), \
+                getattr(wrapper, "pruning_step", None)
+            if schedule is None or counter is None:
+                continue
+            first = int(np.asarray(counter.value))
+            problem = fit_plan_problem(schedule, first, int(steps) * int(epochs))
+            if problem:
+                problems.setdefault(problem, []).append(wrapper.name)
+        for problem, names in problems.items():
+            warnings.warn(f"{problem} (layers: {', '.join(names[:5])}"
+                          f"{' ...' if len(names) > 5 else ''})", stacklevel=3)
 
     def on_train_batch_begin(self, batch, logs=None):
         if self._tfmot_callback is not None:

@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "metrics.json and the export manifests into --output.")
     run.add_argument("recipe", help="path of the YAML recipe")
     run.add_argument("--output", "-o", help="output directory (default: runs/<recipe name>)")
+    run.add_argument("--resume", action="store_true",
+                     help="go on from the last stage (trained, pruned, qat) a run of the same "
+                          "recipe saved under OUTPUT/stages")
 
     export = sub.add_parser("export", help="export a .keras model",
                             description="Export a .keras model and validate every artifact.")
@@ -41,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--precision", default="fp32", help="fp32, fp16 or int8")
     export.add_argument("--output", "-o", required=True, help="export directory")
     export.add_argument("--validation-data", help=".npy file of real inputs (recommended)")
+    export.add_argument("--data", help="a folder of images to validate on (its val/ split, "
+                                       "class sub-folders, or images alone), instead of .npy")
+    export.add_argument("--placement", default="onnxruntime",
+                        help="where a QAT model's ONNX puts its Q/DQ: onnxruntime or tensorrt")
+    export.add_argument("--tolerance", type=float, default=None,
+                        help="allowed error relative to each output's largest magnitude "
+                             "(default: the precision's)")
     export.add_argument("--overwrite", action="store_true", help="replace existing artifacts")
     export.add_argument("--fp16-io", action="store_true",
                         help="with --precision fp16: float16 inputs and outputs in the ONNX")
@@ -55,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", default="1,8,32", help="comma-separated batch sizes")
     bench.add_argument("--inputs", help=".npy inputs (default: random, shaped like the model)")
     bench.add_argument("--labels", help=".npy integer labels, for an accuracy column")
+    bench.add_argument("--data", help="a folder of images instead of --inputs/--labels: its "
+                                      "val/ split or class sub-folders give the accuracy column")
     bench.add_argument("--repeats", default="20", help="timed calls per batch size (>= 1)")
     bench.add_argument("--json", help="also write the results as JSON here")
     bench.add_argument("--plot", help="also write a latency/size bar chart (PNG) here")
@@ -133,7 +145,7 @@ def _cmd_run(args) -> int:
     output = Path(args.output or Path("runs") / recipe.spec["name"])
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; pass a folder (created if missing)")
-    metrics = _pipeline.run(recipe, output, verbose=0 if args.quiet else 1)
+    metrics = _pipeline.run(recipe, output, verbose=0 if args.quiet else 1, resume=args.resume)
     print(metrics["headline"])
     print(metrics["cpu"])
     print(f"Report: {output / 'report.md'}")
@@ -192,10 +204,15 @@ def _cmd_export(args) -> int:
     import tfopt
 
     model = _load_keras(args.model)
+    if args.data and args.validation_data:
+        raise UsageError("pass --data or --validation-data, not both")
+    validation = _load_array(args.validation_data, "--validation-data")
+    if args.data:
+        validation = _folder(args.data, _input_shape(args.model))
     result = tfopt.export(model, args.output, formats=tuple(args.formats or ("saved_model", "onnx")),
                           precision=args.precision, overwrite=args.overwrite,
-                          fp16_io=args.fp16_io,
-                          validation_data=_load_array(args.validation_data, "--validation-data"))
+                          fp16_io=args.fp16_io, placement=args.placement,
+                          tolerance=args.tolerance, validation_data=validation)
     print(result.summary())
     return 0
 
@@ -216,8 +233,12 @@ def _cmd_bench(args) -> int:
         if not Path(item).exists():
             raise UsageError(f"no artifact at {item}")
         artifacts.extend(_runners(item, openvino_modes=modes))
+    if args.data and (args.inputs or args.labels):
+        raise UsageError("pass --data, or --inputs (and --labels), not both")
     inputs = _load_array(args.inputs, "--inputs")
-    if inputs is None:
+    if args.data:
+        inputs = _folder(args.data, _input_shape(args.artifacts[0]))
+    elif inputs is None:
         shape = _input_shape(args.artifacts[0])
         if not shape or any(not d for d in shape):
             raise UsageError(f"{args.artifacts[0]} has a dynamic input shape {shape}: pass "
@@ -253,6 +274,17 @@ def _runners(item: str, openvino_modes):
         raise ArtifactLoadError(
             f"cannot load {item}: {type(exc).__name__}: {_one_line(exc)[:200]}. The file is "
             "truncated or not what its name says; export it again with tfopt export.") from None
+
+
+def _folder(path: str, input_shape: tuple):
+    """The images of a folder, sized for a model whose one sample has ``input_shape``."""
+    import tfopt
+
+    if len(input_shape) != 3 or not all(input_shape[:2]) or input_shape[2] not in (1, 3, 4):
+        raise UsageError(f"--data {path}: the model's input has shape {input_shape}, not "
+                         "(height, width, 1, 3 or 4 channels); pass .npy arrays instead")
+    mode = {1: "grayscale", 3: "rgb", 4: "rgba"}[input_shape[2]]
+    return tfopt.datasets.image_folder_for_evaluation(path, input_shape[:2], color_mode=mode)
 
 
 def _input_shape(artifact: str) -> tuple:

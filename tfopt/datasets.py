@@ -33,3 +33,163 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0):
         x, y, test_size=test_fraction, random_state=seed, stratify=y
     )
     return (x_train, y_train), (x_test, y_test)
+
+
+# What keras.utils.image_dataset_from_directory reads, and the bytes each kind starts with.
+_IMAGE_SIGNATURES = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",),
+                     ".png": (b"\x89PNG\r\n\x1a\n",), ".gif": (b"GIF87a", b"GIF89a"),
+                     ".bmp": (b"BM",)}
+_VALIDATION_NAMES = ("val", "validation")
+
+
+def _class_images(directory) -> dict:
+    """``{class name: [image paths]}`` of a folder with one sub-folder per class."""
+    from pathlib import Path
+
+    classes = {}
+    for folder in sorted(p for p in Path(directory).iterdir() if p.is_dir()):
+        classes[folder.name] = sorted(
+            p for p in folder.rglob("*") if p.suffix.lower() in _IMAGE_SIGNATURES)
+    return classes
+
+
+def _check_images(directory, what: str) -> int:
+    """Refuse, before any training, a folder tfopt cannot train a classifier from.
+
+    Every image's first bytes are read (not the whole file): a file whose
+    extension says image but whose bytes do not is named, with the others.
+    Returns the number of images.
+    """
+    from tfopt.errors import ConfigError
+
+    classes = _class_images(directory)
+    with_images = {name: paths for name, paths in classes.items() if paths}
+    if len(with_images) < 2:
+        raise ConfigError(
+            f"{what} {directory} has {len(with_images)} class folder(s) with images "
+            f"({', '.join(f'{k}: {len(v)}' for k, v in classes.items()) or 'no sub-folders'}): "
+            "a classifier needs one sub-folder per class, at least two, each holding images "
+            f"({', '.join(sorted(_IMAGE_SIGNATURES))}).")
+    unreadable = []
+    for paths in with_images.values():
+        for path in paths:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+            if not head.startswith(_IMAGE_SIGNATURES[path.suffix.lower()]):
+                unreadable.append(str(path))
+    if unreadable:
+        raise ConfigError(
+            f"{len(unreadable)} file(s) in {directory} are not the images their names say: "
+            f"{', '.join(unreadable[:10])}{' ...' if len(unreadable) > 10 else ''}. "
+            "Remove or replace them; nothing was trained.")
+    return sum(len(v) for v in with_images.values())
+
+
+def image_folder(directory, image_size, *, batch_size: int = 32, validation_split=None,
+                 seed: int = 0, color_mode: str = "rgb", shuffle: bool = True):
+    """A folder of images, one sub-folder per class, as ``(train, validation)`` datasets.
+
+    The folder holds either ``train/`` and ``val/`` (or ``validation/``)
+    sub-folders, each with one sub-folder per class, or the class folders
+    themselves, split by ``validation_split``. Images are read by
+    ``keras.utils.image_dataset_from_directory`` as batches of
+    ``(float32 images in [0, 255], int32 labels)``, streamed from disk: the
+    model's own preprocessing (``Rescaling``, ``preprocess_input``) stays in
+    the model. Before anything is read, every image's header is checked: a
+    folder with fewer than two classes, no images, or files that are not the
+    images their names say is refused, naming them.
+
+    Args:
+        directory: The folder.
+        image_size: ``(height, width)`` the images are resized to.
+        batch_size: Images per batch.
+        validation_split: Fraction held out for validation, when the folder
+            has no ``val/`` sub-folder.
+        seed: Shuffling and split seed.
+        color_mode: ``"rgb"``, ``"grayscale"`` or ``"rgba"``.
+        shuffle: Shuffle the training split (the validation split never is).
+
+    Returns:
+        ``(train_dataset, validation_dataset)``; each has ``class_names``.
+
+    Example:
+        >>> train, val = tfopt.datasets.image_folder("data/flowers", (224, 224))
+    """
+    from pathlib import Path
+
+    import keras
+
+    from tfopt.errors import ConfigError
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"image_folder: {directory!r} is not a folder. Give the folder that "
+                          "holds train/ and val/, or one sub-folder per class.")
+    if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                    for v in image_size)):
+        raise ConfigError(f"image_folder: image_size must be [height, width], positive "
+                          f"integers, got {image_size!r}.")
+    read = dict(image_size=tuple(image_size), batch_size=batch_size, seed=seed,
+                color_mode=color_mode, label_mode="int", verbose=False)
+    validation = next((root / n for n in _VALIDATION_NAMES if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and validation is not None:
+        if validation_split is not None:
+            raise ConfigError(f"image_folder: {directory} has train/ and {validation.name}/; "
+                              "validation_split is for a folder of classes. Remove it.")
+        _check_images(root / "train", "image_folder train/")
+        _check_images(validation, f"image_folder {validation.name}/")
+        train = keras.utils.image_dataset_from_directory(root / "train", shuffle=shuffle, **read)
+        val = keras.utils.image_dataset_from_directory(validation, shuffle=False, **read)
+        if train.class_names != val.class_names:
+            raise ConfigError(
+                f"image_folder: train/ has classes {train.class_names}, {validation.name}/ has "
+                f"{val.class_names}; they must be the same folders.")
+        return train, val
+    if (root / "train").is_dir():
+        raise ConfigError(f"image_folder: {directory} has train/ but no val/ or validation/ "
+                          "folder beside it. Add one, or pass validation_split.")
+    if validation_split is None:
+        raise ConfigError(f"image_folder: {directory} has no train/ and val/ sub-folders; for "
+                          "a folder of classes pass validation_split (e.g. 0.2).")
+    _check_images(root, "image_folder")
+    # One seed for both halves: image_dataset_from_directory splits after a seeded shuffle.
+    train = keras.utils.image_dataset_from_directory(
+        root, validation_split=validation_split, subset="training", shuffle=True, **read)
+    val = keras.utils.image_dataset_from_directory(
+        root, validation_split=validation_split, subset="validation", shuffle=True, **read)
+    return train, val
+
+
+def image_folder_for_evaluation(directory, image_size, *, batch_size: int = 32,
+                                color_mode: str = "rgb"):
+    """The images of a folder to check or measure a model on, unshuffled.
+
+    ``directory`` may be what :func:`image_folder` takes (its ``val/`` or
+    ``validation/`` split is used), a folder with one sub-folder per class
+    (labelled: accuracy can be measured), or a folder of images alone
+    (inputs only).
+
+    Returns:
+        A ``tf.data.Dataset`` of ``(images, labels)`` or of images.
+    """
+    from pathlib import Path
+
+    import keras
+
+    from tfopt.errors import ConfigError
+
+    root = Path(directory)
+    if not root.is_dir():
+        raise ConfigError(f"{directory!r} is not a folder of images.")
+    root = next((root / n for n in _VALIDATION_NAMES if (root / n).is_dir()), root)
+    read = dict(image_size=tuple(image_size), batch_size=batch_size, shuffle=False,
+                color_mode=color_mode, verbose=False)
+    if any(p.is_dir() for p in root.iterdir()):
+        _check_images(root, "the folder")
+        return keras.utils.image_dataset_from_directory(root, label_mode="int", **read)
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SIGNATURES)
+    if not images:
+        raise ConfigError(f"{directory} holds no images ({', '.join(sorted(_IMAGE_SIGNATURES))}) "
+                          "and no class sub-folders.")
+    return keras.utils.image_dataset_from_directory(root, labels=None, **read)

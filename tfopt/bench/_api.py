@@ -17,6 +17,7 @@ from tfopt import artifacts as _artifacts
 from tfopt.artifacts._runner import Runner
 from tfopt.bench import _backends, _memory
 from tfopt.bench._timing import measure
+from tfopt import _data
 from tfopt.errors import ConfigError
 from tfopt.targets import _cpu_int8
 
@@ -274,6 +275,10 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
             files, or :class:`tfopt.bench.Runner` objects.
         inputs: Real inputs: an array (one input) or a list of arrays. Batches
             are taken from the front (repeated if there are too few rows).
+            Or a ``tf.data.Dataset`` of inputs or ``(inputs, labels)``: timing
+            reads as many samples as the largest batch, and with labels the
+            accuracy column covers the whole dataset, streamed batch by batch
+            (the report's environment says how many samples).
         batch_sizes: Batch sizes to time.
         labels: Integer class labels for ``inputs``; adds an accuracy column
             (argmax of the first output, over all of ``inputs``).
@@ -294,25 +299,42 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
         >>> report = tfopt.bench.run([model, "out/model.onnx"], x_test, labels=y_test)
         >>> print(report.table())
     """
+    dataset = None
+    if _data.is_dataset(inputs):
+        if labels is not None:
+            raise ConfigError("labels= with a tf.data.Dataset: give a dataset of (inputs, "
+                              "labels) instead, and its labels are used.")
+        dataset = inputs if _data.is_labelled(inputs) else None
+        sizes = _check_run_args(np.zeros((1, 1)), batch_sizes, None, warmup, repeats,
+                                min_seconds)[1]
+        inputs = _data.inputs_from_dataset(inputs, max(sizes), "inputs")
+        if isinstance(inputs, dict):
+            raise ConfigError("tfopt.bench takes a dataset whose inputs are an array or a "
+                              "tuple of arrays, in the model's input order; got a dict.")
     arrays, batch_sizes = _check_run_args(inputs, batch_sizes, labels, warmup, repeats,
                                           min_seconds)
-    runners = [r for a in artifacts for r in runners_for(a)]
+    runners = _distinct_names([r for a in artifacts for r in runners_for(a)])
     sizes = {}
     for runner in runners:
         if runner.artifact is not None:
             from tfopt.export._validate import sizes as measure_size
 
             artifact = Path(runner.artifact)
-            # An OpenVINO IR is its .xml and .bin: size the folder tfopt wrote.
-            sizes[runner.name] = measure_size(
-                artifact.parent if runner.backend == "openvino_cpu" else artifact)
+            # An OpenVINO IR is its .xml and .bin: size the folder tfopt wrote. OpenVINO
+            # reading an .onnx runs that one file.
+            ir = runner.backend == "openvino_cpu" and artifact.suffix == ".xml"
+            sizes[id(runner)] = measure_size(artifact.parent if ir else artifact)
     rows, failed, errors = [], [], []
+    counted = None  # samples the accuracy column covers, from a dataset
     total = len(runners) * len(batch_sizes)
     bar = _progress(total, progress)
     for runner in runners:
         try:
             _first_call(runner, [_batch(a, batch_sizes[0]) for a in arrays])
-            accuracy = _accuracy(runner, arrays, labels) if labels is not None else None
+            if dataset is not None:
+                accuracy, counted = _streamed_accuracy(runner, dataset)
+            else:
+                accuracy = _accuracy(runner, arrays, labels) if labels is not None else None
             timings = []
             for batch in batch_sizes:
                 feed = [_batch(a, batch) for a in arrays]
@@ -327,7 +349,7 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
         peak = None
         if memory:
             peak = _memory.peak_memory(runner, [_batch(a, max(batch_sizes)) for a in arrays])
-        size = sizes.get(runner.name, {})
+        size = sizes.get(id(runner), {})
         for batch, timing in zip(batch_sizes, timings):
             rows.append(BenchRow(
                 name=runner.name, backend=runner.backend, precision=runner.precision,
@@ -345,7 +367,12 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
     if failed:
         warnings.warn(f"{len(failed)} runner(s) failed and have no rows: " + "; ".join(failed),
                       stacklevel=2)
-    return BenchReport(rows, _environment())
+    environment = _environment()
+    if counted is not None:
+        environment["accuracy_samples"] = counted
+    elif labels is not None:
+        environment["accuracy_samples"] = int(np.asarray(labels).size)
+    return BenchReport(rows, environment)
 
 
 def _check_run_args(inputs, batch_sizes, labels, warmup, repeats, min_seconds):
@@ -377,6 +404,23 @@ def _check_run_args(inputs, batch_sizes, labels, warmup, repeats, min_seconds):
                 f"labels must be one integer class per input row: got {labels.size} "
                 f"{labels.dtype} value(s) for {len(arrays[0])} rows.")
     return arrays, batch_sizes
+
+
+def _distinct_names(runners: list) -> list:
+    """Runners whose names collide (two SavedModels, both ``saved_model / TensorFlow``)
+    are told apart by their artifacts' paths."""
+    counts: dict = {}
+    for runner in runners:
+        counts[runner.name] = counts.get(runner.name, 0) + 1
+    for runner in runners:
+        if counts[runner.name] > 1 and runner.artifact is not None:
+            runner.name = f"{_short_path(runner.artifact)}: {runner.name}"
+    return runners
+
+
+def _short_path(path) -> str:
+    parts = Path(path).parts
+    return str(Path(*parts[-3:])) if len(parts) > 3 else str(Path(path))
 
 
 def _first_call(runner, feed) -> None:
@@ -412,6 +456,23 @@ def _accuracy(runner, arrays, labels, batch: int = 64) -> float:
         out = runner.first([a[start:start + batch] for a in arrays])
         predictions.append(out.reshape(len(out), -1).argmax(axis=1))
     return float(np.mean(np.concatenate(predictions) == labels))
+
+
+def _streamed_accuracy(runner, dataset) -> tuple[float, int]:
+    """Accuracy over every ``(inputs, labels)`` batch of ``dataset``, and the samples seen."""
+    import tensorflow as tf
+
+    correct = seen = 0
+    for element in dataset:
+        x, y = element[0], element[1]
+        feed = [np.asarray(t) for t in tf.nest.flatten(x)]
+        out = runner.first(feed)
+        predicted = out.reshape(len(out), -1).argmax(axis=1)
+        correct += int(np.sum(predicted == np.asarray(y).reshape(-1)))
+        seen += len(predicted)
+    if not seen:
+        raise ConfigError("The dataset passed to tfopt.bench.run yields no samples.")
+    return correct / seen, seen
 
 
 def _environment() -> dict:

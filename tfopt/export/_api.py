@@ -15,7 +15,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from tfopt import _checks, _compat, distribute
+from tfopt import _checks, _compat, _data, distribute
 from tfopt._quiet import third_party_quiet
 from tfopt._version import __version__
 from tfopt._warn import warn_user
@@ -38,6 +38,9 @@ FORMATS = ("saved_model", "saved_model_xla", "frozen_graph", "onnx", "openvino",
 PRECISIONS = ("fp32", "fp16", "int8")
 # Where an INT8 ONNX puts its Q/DQ, by the engine that runs it as integer kernels.
 PLACEMENTS = ("onnxruntime", "tensorrt")
+# Samples read from a tf.data.Dataset given as validation_data: what every artifact is
+# run on (and, for QAT models, the calibration of ranges QAT did not train).
+VALIDATION_SAMPLES = 256
 
 
 @dataclasses.dataclass
@@ -147,7 +150,10 @@ def export(model, directory: Union[str, os.PathLike], *,
             come from the model's symbolic inputs, else (a subclassed model)
             from the shapes it was built or called with, as Keras'
             ``model.export`` reads them, else from ``validation_data``.
-        validation_data: Real inputs (array, list or dict by input name).
+        validation_data: Real inputs (array, list or dict by input name), or
+            a ``tf.data.Dataset`` of inputs or ``(inputs, labels)``, as
+            ``fit()`` takes (batched or not): its first 256 samples are
+            read, the rest is never loaded.
         version: The version folder for TF Serving and Triton.
         overwrite: Replace existing artifacts (after the new ones validate).
         freeze: Store the SavedModel's serving graph with constants.
@@ -349,6 +355,11 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
                           "validation_data: pass some real inputs.")
     name = _check_name(model.name if name is None else name)
 
+    if _data.is_dataset(validation_data):
+        inputs = getattr(model, "inputs", None)
+        validation_data = _data.inputs_from_dataset(
+            validation_data, VALIDATION_SAMPLES, "validation_data",
+            sample_rank=len(inputs[0].shape) - 1 if inputs else None)
     signature = _signature.infer(model, input_signature, validation_data)
     if validation_data is None:
         logger.warning("No validation_data: artifacts are checked on random inputs. "

@@ -8,6 +8,7 @@ of the integer pruning step, evaluated inside the compiled train step.
 from __future__ import annotations
 
 import numbers
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -58,6 +59,18 @@ class PruningSchedule:
         if self.end_step >= 0:
             on_turn = tf.logical_or(on_turn, tf.equal(step, self.end_step))
         return tf.logical_and(in_range, on_turn)
+
+    def update_steps(self, first: int, last: int) -> list[int]:
+        """The steps in ``[first, last]`` at which masks are recomputed (plain Python)."""
+        start = max(first, self.begin_step)
+        stop = last if self.end_step < 0 else min(last, self.end_step)
+        offset = (start - self.begin_step) % self.frequency
+        steps = list(range(start + (self.frequency - offset) % self.frequency, stop + 1,
+                           self.frequency))
+        if 0 <= self.end_step <= last and self.end_step >= start and \
+                (not steps or steps[-1] != self.end_step):
+            steps.append(self.end_step)
+        return steps
 
     def __call__(self, step) -> tuple[tf.Tensor, tf.Tensor]:
         """Return ``(should_prune, sparsity)`` as tensors, as tfmot's schedules do."""
@@ -182,3 +195,41 @@ class PolynomialDecay(PruningSchedule):
             "power": self.power,
             "frequency": self.frequency,
         }
+
+
+# A gradual schedule that moves its masks fewer times than this in a fit() is, in
+# effect, a few large cuts: the accuracy drops that a gradual schedule exists to avoid.
+FEW_UPDATES = 5
+
+
+def fit_plan_problem(schedule: PruningSchedule, first_step: int, steps: int) -> Optional[str]:
+    """What goes wrong with ``schedule`` in a ``fit()`` of ``steps`` steps from ``first_step``.
+
+    Two things, both named with the numbers: a gradual schedule that updates
+    its masks fewer than :data:`FEW_UPDATES` times (a ``frequency`` too large
+    for this many steps), and one that ends after the last step, so its
+    final sparsity is not reached. ``None`` when neither.
+    """
+    last = first_step + steps - 1
+    arguments = ", ".join(f"{k}={v}" for k, v in schedule.get_config().items())
+    name = f"{type(schedule).__name__}({arguments})"
+    gradual = getattr(schedule, "initial_sparsity", schedule.final_sparsity) \
+        != schedule.final_sparsity
+    done = schedule.update_steps(first_step, last)
+    reached = float(schedule.sparsity_at(done[-1])) if done else None
+    if gradual and schedule.end_step > last and reached is not None \
+            and schedule.final_sparsity - reached > 0.01:
+        return (f"{name} reaches final_sparsity at step {schedule.end_step}, but this fit() "
+                f"runs steps {first_step}-{last}: it ends at {reached:.2f}, short of it. Set "
+                f"end_step to at most {last} (steps per epoch x epochs), or train longer (a "
+                f"later fit() goes on from step {last + 1}).")
+    if gradual and first_step <= schedule.begin_step:  # a fit() that starts the ramp
+        ramp_end = schedule.end_step if schedule.end_step >= 0 else last
+        updates = schedule.update_steps(schedule.begin_step, ramp_end)
+        if len(updates) < FEW_UPDATES:
+            span = max(1, ramp_end - schedule.begin_step)
+            return (f"{name} updates the masks {len(updates)} time(s) (steps "
+                    f"{schedule.begin_step}-{ramp_end}, at {updates}): a few large cuts "
+                    "instead of a gradual ramp, which costs accuracy. Use "
+                    f"frequency={max(1, span // 10)} for about 10 updates.")
+    return None

@@ -1,0 +1,151 @@
+"""The seed's workflow from a folder of JPEGs: tf.data wherever arrays are taken.
+
+The folder is made here from scikit-learn's digits: each 8x8 digit becomes a
+32x32 RGB JPEG (tf.io.encode_jpeg), one sub-folder per class, in train/ and
+val/. Three classes keep it small.
+"""
+
+import json
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfopt
+from tfopt import _pipeline, _recipe
+from tfopt.errors import ConfigError
+
+CLASSES = (0, 1, 2)
+SIZE = 32
+
+
+def write_jpegs(root, x, y, per_class):
+    for label in CLASSES:
+        folder = root / f"digit_{label}"
+        folder.mkdir(parents=True)
+        for i, image in enumerate(x[y == label][:per_class]):
+            pixels = np.kron(image[..., 0], np.ones((SIZE // 8, SIZE // 8)))
+            rgb = np.repeat((255 * pixels).astype("uint8")[..., None], 3, axis=-1)
+            (folder / f"{i}.jpg").write_bytes(tf.io.encode_jpeg(rgb, quality=95).numpy())
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory, digits):
+    (x, y), (x_test, y_test) = digits
+    root = tmp_path_factory.mktemp("jpegs")
+    write_jpegs(root / "train", x, y, per_class=60)
+    write_jpegs(root / "val", x_test, y_test, per_class=15)
+    return root
+
+
+def small_cnn():
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0)(inputs)  # preprocessing stays in the model
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(len(CLASSES), name="logits")(x))
+
+
+def test_image_folder_streams_train_and_val_with_class_names(jpeg_folder):
+    train, val = tfopt.datasets.image_folder(jpeg_folder, (SIZE, SIZE), batch_size=16)
+    assert train.class_names == val.class_names == [f"digit_{c}" for c in CLASSES]
+    x, y = next(iter(val))
+    assert x.shape == (16, SIZE, SIZE, 3) and x.dtype == tf.float32 and y.dtype == tf.int32
+    assert sum(len(b[1]) for b in val) == 45
+
+
+@pytest.mark.parametrize("problem", ["one_class", "corrupt", "no_val", "image_size", "missing"])
+def test_image_folder_refuses_what_it_cannot_train_on_by_name(tmp_path, digits, problem):
+    (x, y), _ = digits
+    size = (SIZE, SIZE)
+    root = tmp_path / "data"
+    if problem == "one_class":
+        write_jpegs(root / "train", x, y, per_class=3)
+        write_jpegs(root / "val", x, y, per_class=3)
+        for folder in ("digit_1", "digit_2"):
+            for f in (root / "val" / folder).iterdir():
+                f.unlink()
+        match = r"val/ .* 1 class folder\(s\) with images"
+    elif problem == "corrupt":
+        write_jpegs(root / "train", x, y, per_class=3)
+        write_jpegs(root / "val", x, y, per_class=3)
+        (root / "train" / "digit_1" / "1.jpg").write_bytes(b"<html>not an image</html>")
+        match = r"1 file\(s\) .* not the images their names say: .*digit_1/1\.jpg"
+    elif problem == "no_val":
+        write_jpegs(root / "train", x, y, per_class=3)
+        match = "train/ but no val/"
+    elif problem == "image_size":
+        write_jpegs(root / "train", x, y, per_class=3)
+        write_jpegs(root / "val", x, y, per_class=3)
+        size = (SIZE, "wide")
+        match = r"image_size must be \[height, width\]"
+    else:
+        match = "is not a folder"
+    with pytest.raises(ConfigError, match=match):
+        tfopt.datasets.image_folder(root, size)
+
+
+def test_export_and_bench_take_datasets(jpeg_folder, tmp_path):
+    train, val = tfopt.datasets.image_folder(jpeg_folder, (SIZE, SIZE), batch_size=16)
+    model = small_cnn()
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(train, epochs=3, verbose=0)
+    result = tfopt.export(model, tmp_path / "out", formats=("onnx",), validation_data=val)
+    assert result.max_abs_error < 1e-4
+    # Unlabelled and unbatched elements are read too.
+    unbatched = val.unbatch().map(lambda image, label: image)
+    again = tfopt.export(model, tmp_path / "again", formats=("onnx",), validation_data=unbatched)
+    assert again.max_abs_error < 1e-4
+    with pytest.raises(ConfigError, match="empty tf.data.Dataset"):
+        tfopt.export(model, tmp_path / "none", formats=("onnx",), validation_data=val.take(0))
+
+    report = tfopt.bench.run([model, result.paths["onnx"]], val, batch_sizes=(1, 4),
+                             repeats=2, warmup=1, min_seconds=0, progress=False, memory=False)
+    assert report.environment["accuracy_samples"] == 45
+    keras_accuracy = model.evaluate(val, verbose=0)[1]
+    onnx_rows = [r for r in report.rows if r.backend == "ort_cpu"]
+    assert onnx_rows and all(r.accuracy == pytest.approx(keras_accuracy, abs=1e-6)
+                             for r in onnx_rows)
+    with pytest.raises(ConfigError, match="labels= with a tf.data.Dataset"):
+        tfopt.bench.run([model], val, labels=np.zeros(45, "int32"), progress=False)
+
+
+def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path):
+    # The model's module sits beside the recipe: found without PYTHONPATH.
+    (tmp_path / "my_models.py").write_text(textwrap.dedent(f"""
+        import keras
+
+        def small_cnn():
+            inputs = keras.Input(({SIZE}, {SIZE}, 3), name="image")
+            x = keras.layers.Rescaling(1 / 255.0)(inputs)
+            x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv1")(x)
+            x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="conv2")(x)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            return keras.Model(inputs, keras.layers.Dense({len(CLASSES)}, name="logits")(x))
+    """))
+    recipe = tmp_path / "jpegs.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: jpegs
+        model: {{source: "my_models:small_cnn"}}
+        data:
+          source: image_folder
+          args: {{directory: "{jpeg_folder}", image_size: [{SIZE}, {SIZE}], batch_size: 16}}
+        train: {{epochs: 4, learning_rate: 0.003}}
+        prune: {{structure: channels, final_sparsity: 0.25, epochs: 2}}
+        quantize: {{epochs: 1, calibration_samples: 64}}
+        export: {{formats: [saved_model, onnx]}}
+        bench: {{batch_sizes: [1], repeats: 2, warmup: 1, min_seconds: 0, memory: false}}
+    """))
+    metrics = _pipeline.run(_recipe.load(recipe), tmp_path / "run", verbose=0)
+    assert metrics["validation_samples"] == 45
+    accuracy = metrics["artifacts_accuracy"]
+    assert "optimized onnx int8 / ORT CPU" in accuracy and "baseline saved_model / TensorFlow" in accuracy
+    assert metrics["baseline_accuracy"] > 0.6  # three digits, four epochs: it learned
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "over all 45 test samples" in report
+    saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert saved["artifacts_accuracy"] == pytest.approx(accuracy)
