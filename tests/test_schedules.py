@@ -101,3 +101,14 @@ def test_pruning_step_warns_about_a_schedule_this_fit_runs_badly():
     with pytest.warns(UserWarning, match=r"updates the masks 2 time\(s\)"):
         pruned.fit(x, y, batch_size=32, epochs=2, verbose=0,
                    callbacks=[tfopt.callbacks.PruningStep()])
+
+
+def test_a_schedule_in_epochs_sets_its_steps_and_about_ten_updates():
+    schedule = tfopt.PolynomialDecay.over_epochs(0.0, 0.8, steps_per_epoch=42, end_epoch=3,
+                                                 begin_epoch=0.5)
+    assert (schedule.begin_step, schedule.end_step, schedule.frequency) == (21, 126, 10)
+    assert len(schedule.update_steps(0, 200)) == 12  # every 10 steps from 21, and 126
+    with pytest.raises(ConfigError, match="end_epoch"):
+        tfopt.PolynomialDecay.over_epochs(0.0, 0.8, steps_per_epoch=42, end_epoch=0)
+    with pytest.raises(ConfigError, match="steps_per_epoch"):
+        tfopt.PolynomialDecay.over_epochs(0.0, 0.8, steps_per_epoch=0, end_epoch=2)

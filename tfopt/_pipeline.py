@@ -128,6 +128,12 @@ def check_ready(recipe: Recipe) -> None:
     """
     spec = recipe.spec
     beside = recipe.path.parent
+    prune, finetune = spec.get("prune"), spec.get("finetune")
+    if finetune and prune and prune.get("structure") != "channels":
+        raise RecipeError(
+            "finetune: trains the stripped model, whose pruned weights would grow back: it "
+            "follows channel pruning (prune.structure: channels), which removes them. For "
+            "unstructured or 2:4 pruning, train longer inside pruning (prune.epochs).")
     factory, args, label = _model_factory(spec["model"], beside)
     if factory is not keras.models.load_model:
         _check_arguments("model", factory, args, label)
@@ -261,8 +267,6 @@ class _Stages:
     name and renamed, so a kill mid-save leaves the previous state whole.
     """
 
-    ORDER = ("trained", "pruned", "qat")
-
     def __init__(self, folder: Path, recipe: Recipe, resume: bool):
         import hashlib
 
@@ -383,6 +387,17 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
             metrics["channels"] = _channel_counts(baseline, current)
         else:
             metrics["sparsity"] = tfopt.sparsity(current)
+    finetune = spec.get("finetune")
+    if finetune and finetune.get("epochs", 0) and stages.has("finetuned"):
+        step("fine-tuning: resumed from stages/finetuned.keras")
+        current = stages.load("finetuned")
+    elif finetune and finetune.get("epochs", 0):
+        # the stripped (physically smaller, for channels) model, trained on as it is served
+        step(f"fine-tuning the stripped model, {finetune['epochs']} epoch(s)")
+        data.fit(_compile(current, finetune.get("learning_rate", 1e-4)),
+                 epochs=finetune["epochs"], batch_size=finetune.get("batch_size", 32),
+                 verbose=verbose)
+        stages.save("finetuned", current)
     quantize = spec.get("quantize")
     if quantize and stages.has("qat"):
         step("quantization-aware training: resumed from stages/qat.keras")

@@ -102,7 +102,8 @@ RATE = _number(0, low_open=True)
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
     "": {"name": (_name, True), "seed": (_number(0, integer=True), False),
          "model": (_mapping, True), "data": (_mapping, True), "train": (_mapping, False),
-         "prune": (_mapping, False), "quantize": (_mapping, False), "export": (_mapping, False),
+         "prune": (_mapping, False), "finetune": (_mapping, False),
+         "quantize": (_mapping, False), "export": (_mapping, False),
          "bench": (_mapping, False)},
     "model": {"source": (_string(), True), "args": (_mapping, False)},
     "data": {"source": (_string(), True), "args": (_mapping, False)},
@@ -118,6 +119,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
               "layers": (_list_of(_string()), False),
               "skip_layers": (_list_of(_string()), False), "epochs": (EPOCHS, False),
               "batch_size": (POSITIVE_INT, False), "learning_rate": (RATE, False)},
+    "finetune": {"epochs": (EPOCHS, False), "batch_size": (POSITIVE_INT, False),
+                 "learning_rate": (RATE, False)},
     "quantize": {"config": (_string(("int8",)), False), "epochs": (EPOCHS, False),
                  "batch_size": (POSITIVE_INT, False), "learning_rate": (RATE, False),
                  "calibration_samples": (POSITIVE_INT, False)},

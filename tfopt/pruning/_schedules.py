@@ -179,6 +179,36 @@ class PolynomialDecay(PruningSchedule):
                               "tfmot's default is 3.")
         self.power = float(power)
 
+    @classmethod
+    def over_epochs(cls, initial_sparsity: float, final_sparsity: float, *,
+                    steps_per_epoch: int, end_epoch: float, begin_epoch: float = 0,
+                    power: float = 3, updates: int = 10) -> "PolynomialDecay":
+        """The schedule in epochs: ``end_epoch`` may be a fraction (1.5: half-way through
+        the second epoch), and ``frequency`` is set for about ``updates`` mask updates.
+
+        Args:
+            steps_per_epoch: Batches per epoch: ``len(dataset)``, or
+                ``ceil(len(x) / batch_size)``.
+
+        Example:
+            >>> schedule = tfopt.PolynomialDecay.over_epochs(
+            ...     0.0, 0.8, steps_per_epoch=len(train_ds), end_epoch=3)
+        """
+        steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
+        updates = _check_int("updates", updates, 1)
+        for name, value in (("begin_epoch", begin_epoch), ("end_epoch", end_epoch)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                    or not 0 <= value < float("inf"):
+                raise ConfigError(f"{name} must be a number of epochs >= 0, got {value!r}.")
+        begin = int(round(begin_epoch * steps_per_epoch))
+        end = int(round(end_epoch * steps_per_epoch))
+        if end <= begin:
+            raise ConfigError(
+                f"end_epoch ({end_epoch}) must come after begin_epoch ({begin_epoch}) by at "
+                f"least one step ({steps_per_epoch} steps an epoch).")
+        return cls(initial_sparsity, final_sparsity, begin, end, power=power,
+                   frequency=max(1, (end - begin) // updates))
+
     def sparsity_at(self, step):
         span = float(self.end_step - self.begin_step)
         progress = tf.cast(step - self.begin_step, tf.float32) / span
