@@ -280,3 +280,11 @@ def test_inspect_reads_an_openvino_folder(tmp_path):
     done = tfopt_cli("inspect", result.paths["openvino"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert "OpenVINO IR" in done.stdout and "no FakeQuantize: a float model" in done.stdout
+
+
+def test_finetune_after_unstructured_pruning_is_refused_before_training(tmp_path):
+    from tfopt import _pipeline
+
+    recipe = _recipe.load(write(tmp_path, GOOD + "finetune: {epochs: 1}\n"))
+    with pytest.raises(_recipe.RecipeError, match="pruned weights would grow back"):
+        _pipeline.check_ready(recipe)

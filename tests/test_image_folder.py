@@ -136,12 +136,16 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
           args: {{directory: "{jpeg_folder}", image_size: [{SIZE}, {SIZE}], batch_size: 16}}
         train: {{epochs: 4, learning_rate: 0.003}}
         prune: {{structure: channels, final_sparsity: 0.25, epochs: 2}}
+        finetune: {{epochs: 1}}
         quantize: {{epochs: 1, calibration_samples: 64}}
         export: {{formats: [saved_model, onnx]}}
         bench: {{batch_sizes: [1], repeats: 2, warmup: 1, min_seconds: 0, memory: false}}
     """))
     metrics = _pipeline.run(_recipe.load(recipe), tmp_path / "run", verbose=0)
     assert metrics["validation_samples"] == 45
+    assert any(s.startswith("fine-tuning the stripped model") for s in metrics["steps"])
+    assert json.loads((tmp_path / "run" / "stages" / "state.json").read_text())["finished"] == [
+        "trained", "pruned", "finetuned", "qat"]
     accuracy = metrics["artifacts_accuracy"]
     assert "optimized onnx int8 / ORT CPU" in accuracy and "baseline saved_model / TensorFlow" in accuracy
     assert metrics["baseline_accuracy"] > 0.6  # three digits, four epochs: it learned
