@@ -288,3 +288,31 @@ def test_finetune_after_unstructured_pruning_is_refused_before_training(tmp_path
     recipe = _recipe.load(write(tmp_path, GOOD + "finetune: {epochs: 1}\n"))
     with pytest.raises(_recipe.RecipeError, match="pruned weights would grow back"):
         _pipeline.check_ready(recipe)
+
+
+def test_one_refused_artifact_leaves_the_others_exported_and_reported(tmp_path, monkeypatch):
+    from tfopt import _pipeline
+    from tfopt.errors import ExportValidationError
+    from tfopt.export import _api
+
+    compare, seen = _api.compare, []
+
+    def refuse_the_optimized_onnx(name, *args, **kwargs):
+        seen.append(name)
+        if name == "onnx" and seen.count("onnx") > 1:  # the first is the baseline's
+            raise ExportValidationError("onnx: planted failure. Do this to fix it.")
+        return compare(name, *args, **kwargs)
+
+    monkeypatch.setattr(_api, "compare", refuse_the_optimized_onnx)
+    recipe = _recipe.load(write(tmp_path, GOOD + textwrap.dedent("""\
+        export: {formats: [saved_model, onnx]}
+        bench: {batch_sizes: [1], repeats: 2, warmup: 0, min_seconds: 0, memory: false}
+    """)))
+    metrics = _pipeline.run(recipe, tmp_path / "run", verbose=0)
+    assert metrics["export_failures"] == {"fp32": {"onnx": "onnx: planted failure. Do this to fix it."}}
+    assert list(metrics["exports"]["fp32"]["paths"]) == ["saved_model"]
+    assert (tmp_path / "run" / "export" / "fp32" / "saved_model" / "1" / "saved_model.pb").exists()
+    benched = {row["name"] for row in metrics["bench"]["rows"]}
+    assert any(name.startswith("optimized saved_model") for name in benched), benched
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## What failed (fp32 export)" in report and "planted failure" in report

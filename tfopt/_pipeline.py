@@ -415,16 +415,22 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
                           ("optimized", _flops.count(current)))}
 
     precisions = ["int8"] if quantize else list(export.get("precisions", ["fp32"]))
-    exports = {}
+    exports, failures = {}, {}
     for precision in precisions:
         step(f"export {', '.join(formats)} ({precision})")
-        exports[precision] = tfopt.export(
-            current, output / "export" / precision, formats=formats, precision=precision,
+        result, failed = _export_what_passes(
+            current, output / "export" / precision, formats, precision=precision,
             validation_data=validation, opset=export.get("opset", 17), overwrite=True,
             placement=export.get("placement", "onnxruntime"), tolerance=export.get("tolerance"))
+        if result is not None:
+            exports[precision] = result
+        if failed:
+            failures[precision] = failed
     metrics["exports"] = {p: {"paths": {k: str(v) for k, v in r.paths.items()},
                               "errors": r.errors, "sizes": r.sizes}
                           for p, r in exports.items()}
+    if failures:
+        metrics["export_failures"] = failures
 
     bench = spec.get("bench") or {}
     step("benchmark")
@@ -451,6 +457,34 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
     metrics["seconds"] = time.perf_counter() - started
     _write_report(output, spec, metrics, report, exports, baseline_export)
     return metrics
+
+
+def _export_what_passes(model, directory: Path, formats: tuple, **kwargs):
+    """``tfopt.export`` of every format that passes: one refused artifact (and what is
+    converted from it) is left out, the others are exported.
+
+    Returns ``(ExportResult or None, {format: why it is missing})``.
+    """
+    from tfopt.errors import ExportValidationError
+    from tfopt.export._api import DEPENDS
+
+    remaining, failures = list(formats), {}
+    while remaining:
+        try:
+            return tfopt.export(model, directory, formats=tuple(remaining), **kwargs), failures
+        except ExportValidationError as exc:
+            failed = exc.format
+            dropped = [f for f in remaining if f == failed or failed in DEPENDS.get(f, ())]
+            if not dropped:  # not one artifact's fault: nothing of this export stands
+                failures.update({f: str(exc) for f in remaining})
+                return None, failures
+            for fmt in dropped:
+                failures[fmt] = str(exc) if fmt == failed else (
+                    f"not exported: it is converted from {failed}, which failed")
+            logger.warning("%s failed validation; exporting %s without it.", failed,
+                           ", ".join(f for f in remaining if f not in dropped) or "nothing")
+            remaining = [f for f in remaining if f not in dropped]
+    return None, failures
 
 
 def _openvino_available() -> bool:
@@ -536,6 +570,13 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
         f"| baseline (dense, float) | {100 * metrics['baseline_accuracy']:.2f}% |",
         f"| optimized | {100 * metrics['final_accuracy']:.2f}% |", "",
     ]
+    for precision, failed in (metrics.get("export_failures") or {}).items():
+        lines += [f"## What failed ({precision} export)", "",
+                  "Every other artifact was exported, validated and benchmarked; the stages "
+                  "before the export are saved under `stages/` (`tfopt run --resume` goes on "
+                  "from them).", ""]
+        lines += [f"- **{fmt}**: {why}" for fmt, why in failed.items()]
+        lines.append("")
     if metrics.get("artifacts_accuracy"):
         lines += [f"On each engine, over all {metrics['validation_samples']} test samples:", "",
                   "| artifact / engine | accuracy |", "| --- | ---: |"]

@@ -147,6 +147,8 @@ def _cmd_run(args) -> int:
         raise UsageError(f"--output {output} is a file; pass a folder (created if missing)")
     metrics = _pipeline.run(recipe, output, verbose=0 if args.quiet else 1, resume=args.resume)
     print(metrics["headline"])
+    for precision, failed in (metrics.get("export_failures") or {}).items():
+        print(f"Not exported ({precision}): {', '.join(failed)}; the report says why.")
     print(metrics["cpu"])
     print(f"Report: {output / 'report.md'}")
     return 0

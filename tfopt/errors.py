@@ -47,7 +47,12 @@ class UnsupportedModelError(TfoptError, ValueError):
 
 
 class ExportValidationError(TfoptError, ValueError):
-    """An exported artifact's outputs drifted from the Keras model's."""
+    """An exported artifact's outputs drifted from the Keras model's.
+
+    ``format``: the artifact that failed (``"onnx"``, ...), where known.
+    """
+
+    format = None
 
 
 class AlreadyQuantizedError(TfoptError, ValueError):

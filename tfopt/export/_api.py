@@ -488,6 +488,9 @@ def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact
                 with third_party_quiet():
                     try:
                         built[fmt] = _BUILDERS[fmt](plan, serve, path, built, stage)
+                    except ExportValidationError as exc:
+                        exc.format = getattr(exc, "format", None) or fmt
+                        raise
                     except OSError as exc:
                         if isinstance(exc, TfoptError):
                             raise
@@ -513,13 +516,17 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
         if artifact.run is not None:
             limits = _tolerances(fmt, plan, built)
             advice = None
-            if fmt == "onnx" and plan.quantized:
-                artifact.info["arithmetic_errors"], advice = _check_arithmetic(
-                    plan, artifact, limits)
-            with third_party_quiet():
-                actual = artifact.run(plan.feed)
-            errors = {k: e.as_dict() for k, e in compare(
-                fmt, plan.reference, actual, limits, advice).items()}
+            try:
+                if fmt == "onnx" and plan.quantized:
+                    artifact.info["arithmetic_errors"], advice = _check_arithmetic(
+                        plan, artifact, limits)
+                with third_party_quiet():
+                    actual = artifact.run(plan.feed)
+                errors = {k: e.as_dict() for k, e in compare(
+                    fmt, plan.reference, actual, limits, advice).items()}
+            except ExportValidationError as exc:
+                exc.format = fmt  # which artifact failed: tfopt run exports the others
+                raise
         results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
                                       artifact.info))
     return results
