@@ -138,7 +138,7 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
         prune: {{structure: channels, final_sparsity: 0.25, epochs: 2}}
         finetune: {{epochs: 1}}
         quantize: {{epochs: 1, calibration_samples: 64}}
-        export: {{formats: [saved_model, onnx]}}
+        export: {{formats: [saved_model, onnx], image_signatures: [image_bytes]}}
         bench: {{batch_sizes: [1], repeats: 2, warmup: 1, min_seconds: 0, memory: false}}
     """))
     metrics = _pipeline.run(_recipe.load(recipe), tmp_path / "run", verbose=0)
@@ -151,5 +151,52 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
     assert metrics["baseline_accuracy"] > 0.6  # three digits, four epochs: it learned
     report = (tmp_path / "run" / "report.md").read_text()
     assert "over all 45 test samples" in report
+    manifest = json.loads((tmp_path / "run" / "manifest_int8.json").read_text())
+    assert "serving_image_bytes" in manifest["artifacts"]["saved_model"]["image_signatures"]
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["artifacts_accuracy"] == pytest.approx(accuracy)
+
+
+def test_savedmodel_image_signatures_take_encoded_files_and_uint8_images(tmp_path, digits):
+    model = small_cnn()
+    (x, y), _ = digits
+    images = np.stack([np.repeat((255 * np.kron(i[..., 0], np.ones((4, 4))))[..., None], 3, -1)
+                       for i in x[:8]]).astype("float32")
+    result = tfopt.export(model, tmp_path / "out", formats=("saved_model",),
+                          validation_data=images, image_signatures=["image_bytes", "uint8"])
+    checked = result.manifest["artifacts"]["saved_model"]["image_signatures"]
+    assert set(checked) == {"serving_image_bytes", "serving_uint8"}
+    assert all(v["max_rel_to_serving_default"] <= 1e-5 for v in checked.values())
+
+    loaded = tf.saved_model.load(str(result.paths["saved_model"]))
+    # A client sends JPEGs of another size: decoded and resized inside the SavedModel.
+    raw = np.random.default_rng(0).integers(0, 255, (3, 20, 24, 3), dtype=np.uint8)
+    files = [tf.io.encode_jpeg(image).numpy() for image in raw]
+    (output,) = loaded.signatures["serving_default"].structured_outputs
+    got = loaded.signatures["serving_image_bytes"](image_bytes=tf.constant(files))[output]
+    decoded = np.stack([tf.io.decode_jpeg(f).numpy() for f in files]).astype("float32")
+    want = model(tf.image.resize(decoded, (SIZE, SIZE)))
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-4, atol=1e-4)
+    got = loaded.signatures["serving_uint8"](images=tf.constant(raw))[output]
+    want = model(tf.image.resize(raw.astype("float32"), (SIZE, SIZE)))
+    np.testing.assert_allclose(got.numpy(), np.asarray(want), rtol=1e-4, atol=1e-4)
+
+    # A QAT model's SavedModel is a frozen graph: its image signatures wrap that one.
+    qat = tfopt.quantize(model, calibration_data=images)
+    frozen = tfopt.export(qat, tmp_path / "qat", formats=("saved_model",),
+                          validation_data=images, image_signatures=["image_bytes"])
+    assert frozen.manifest["artifacts"]["saved_model"]["image_signatures"][
+        "serving_image_bytes"]["max_rel_to_serving_default"] <= 1e-5
+
+
+def test_image_signatures_are_refused_where_they_cannot_apply(tmp_path):
+    with pytest.raises(ConfigError, match="add 'saved_model' to formats"):
+        tfopt.export(small_cnn(), tmp_path / "a", formats=("onnx",),
+                     image_signatures=["image_bytes"])
+    with pytest.raises(ConfigError, match="Unknown image_signatures"):
+        tfopt.export(small_cnn(), tmp_path / "b", image_signatures=["jpeg"])
+    inputs = keras.Input((6,))
+    vector = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+    with pytest.raises(ConfigError, match="one image input"):
+        tfopt.export(vector, tmp_path / "c", image_signatures=["uint8"])
+    assert not any((tmp_path / d).exists() for d in "abc")

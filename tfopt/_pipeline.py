@@ -161,6 +161,9 @@ def check_ready(recipe: Recipe) -> None:
         from tfopt.export import _triton
 
         _triton._model_config_pb2()
+    if (spec.get("export") or {}).get("image_signatures") and "saved_model" not in formats:
+        raise RecipeError("export.image_signatures are SavedModel signatures: add saved_model "
+                          "to export.formats.")
     if "openvino" in formats and not _openvino_available():
         raise BackendUnavailableError(
             "export.formats lists openvino, which is not installed: pip install openvino, "
@@ -421,7 +424,8 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
         result, failed = _export_what_passes(
             current, output / "export" / precision, formats, precision=precision,
             validation_data=validation, opset=export.get("opset", 17), overwrite=True,
-            placement=export.get("placement", "onnxruntime"), tolerance=export.get("tolerance"))
+            placement=export.get("placement", "onnxruntime"), tolerance=export.get("tolerance"),
+            image_signatures=export.get("image_signatures", []))
         if result is not None:
             exports[precision] = result
         if failed:

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
                                        "class sub-folders, or images alone), instead of .npy")
     export.add_argument("--placement", default="onnxruntime",
                         help="where a QAT model's ONNX puts its Q/DQ: onnxruntime or tensorrt")
+    export.add_argument("--image-signatures", default="",
+                        help="extra SavedModel signatures for TF Serving clients: image_bytes "
+                             "(encoded JPEG/PNG), uint8 (uint8 images), comma-separated")
     export.add_argument("--tolerance", type=float, default=None,
                         help="allowed error relative to each output's largest magnitude "
                              "(default: the precision's)")
@@ -214,7 +217,8 @@ def _cmd_export(args) -> int:
     result = tfopt.export(model, args.output, formats=tuple(args.formats or ("saved_model", "onnx")),
                           precision=args.precision, overwrite=args.overwrite,
                           fp16_io=args.fp16_io, placement=args.placement,
-                          tolerance=args.tolerance, validation_data=validation)
+                          tolerance=args.tolerance, validation_data=validation,
+                          image_signatures=[k for k in args.image_signatures.split(",") if k])
     print(result.summary())
     return 0
 

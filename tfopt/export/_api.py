@@ -97,7 +97,8 @@ def export(model, directory: Union[str, os.PathLike], *,
            overwrite: bool = False, freeze: bool = False, warmup: bool = False,
            opset: int = _onnx.DEFAULT_OPSET, batch_sizes: tuple[int, int, int] = (1, 8, 64),
            name: Optional[str] = None, tolerance: Optional[float] = None,
-           placement: str = "onnxruntime", fp16_io: bool = False) -> ExportResult:
+           placement: str = "onnxruntime", fp16_io: bool = False,
+           image_signatures: Sequence[str] = ()) -> ExportResult:
     """Export a Keras model for serving and check every artifact against it.
 
     Artifacts (``formats``), under ``directory``:
@@ -183,6 +184,16 @@ def export(model, directory: Union[str, os.PathLike], *,
             Validated against Keras with the fp16 tolerance. ONNX only: the
             formats built from it (``openvino``, ``tensorrt``, ``triton``)
             are refused with it; export them in a call of their own.
+        image_signatures: Extra SavedModel signatures for an image model
+            (one input of shape ``(batch, height, width, 1|3|4)``), for TF
+            Serving clients that send images as they have them:
+            ``"image_bytes"`` adds ``serving_image_bytes``, taking a batch of
+            encoded JPEG/PNG/GIF/BMP files (``tf.string``), decoded and
+            resized to the model's size inside the SavedModel; ``"uint8"``
+            adds ``serving_uint8``, taking uint8 images of any size, resized
+            there. Pixels reach the model as float in [0, 255], as
+            ``image_dataset_from_directory`` gives them. Each is validated
+            against ``serving_default`` on the validation images (as PNG).
 
     Returns:
         An :class:`ExportResult`. On a worker of a multi-worker cluster that
@@ -204,7 +215,7 @@ def export(model, directory: Union[str, os.PathLike], *,
                  input_signature=input_signature, validation_data=validation_data,
                  version=version, overwrite=overwrite, freeze=freeze, warmup=warmup,
                  opset=opset, batch_sizes=batch_sizes, name=name, tolerance=tolerance,
-                 placement=placement, fp16_io=fp16_io)
+                 placement=placement, fp16_io=fp16_io, image_signatures=image_signatures)
     stage = _staging.Staging(plan.directory, [*plan.targets.values(), "manifest.json",
                                              "timing.cache"],
                              overwrite, owned=_owned(plan), keep=("timing.cache",))
@@ -248,6 +259,7 @@ class ExportPlan:
     tolerance: Optional[float]
     placement: str
     fp16_io: bool = False
+    image_signatures: tuple = ()
 
     def target(self, fmt: str) -> str:
         return _targets(self.name, self.version)[fmt]
@@ -304,7 +316,7 @@ def _is_relative(path) -> bool:
 
 def _plan(model, directory, *, formats, precision, input_signature, validation_data, version,
           overwrite, freeze, warmup, opset, batch_sizes, name, tolerance,
-          placement, fp16_io=False) -> ExportPlan:
+          placement, fp16_io=False, image_signatures=()) -> ExportPlan:
     if not isinstance(model, keras.Model):
         kind = _compat.check_keras_model(model)  # raises for anything else
         if kind == "tf_keras":
@@ -379,9 +391,11 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
             "inputs the model accepts, or input_signature= matching them.") from None
     _check_reference(model, reference, feed, validation_data is not None)
     chosen = {f: _targets(name, version)[f] for f in formats}
+    image_signatures = _check_image_signatures(image_signatures, formats, signature)
     return ExportPlan(model, Path(directory), formats, chosen, precision, quantized, signature,
                       feed, reference, validation_data is not None, freeze, warmup, opset,
-                      batch_sizes, name, version, tolerance, placement, fp16_io)
+                      batch_sizes, name, version, tolerance, placement, fp16_io,
+                      image_signatures)
 
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -710,9 +724,70 @@ def _loaded_once(make):
 
 def _build_saved_model(plan, serve, path, built, stage) -> BuiltArtifact:
     _saved_model.write_saved_model(plan.model, plan.signature, path, freeze=plan.freeze,
-                                   warmup=plan.feed if plan.warmup else None)
-    return BuiltArtifact("saved_model", path, _saved_model_runner(path, plan.signature),
-                         {"frozen": plan.freeze})
+                                   warmup=plan.feed if plan.warmup else None,
+                                   image_signatures=plan.image_signatures)
+    info = {"frozen": plan.freeze}
+    if plan.image_signatures:
+        info["image_signatures"] = _check_image_signature_outputs(plan, path)
+    return BuiltArtifact("saved_model", path, _saved_model_runner(path, plan.signature), info)
+
+
+IMAGE_SIGNATURES = {"image_bytes": "serving_image_bytes", "uint8": "serving_uint8"}
+
+
+def _check_image_signatures(requested, formats, signature) -> tuple:
+    """The image signatures asked for, checked against the model's one image input."""
+    if isinstance(requested, str) or not isinstance(requested, (list, tuple)):
+        raise ConfigError(f"image_signatures must be a list of {sorted(IMAGE_SIGNATURES)}, got "
+                          f"{requested!r}.")
+    unknown = [r for r in requested if r not in IMAGE_SIGNATURES]
+    if unknown:
+        raise ConfigError(f"Unknown image_signatures {unknown}; valid: "
+                          f"{sorted(IMAGE_SIGNATURES)}.")
+    if not requested:
+        return ()
+    if "saved_model" not in formats:
+        raise ConfigError("image_signatures are SavedModel signatures: add 'saved_model' to "
+                          "formats.")
+    shape = signature.inputs[0].shape if len(signature.inputs) == 1 else None
+    if shape is None or shape.rank != 4 or not shape[1] or not shape[2] \
+            or shape[3] not in (1, 3, 4):
+        raise ConfigError(
+            "image_signatures need a model with one image input of shape (batch, height, "
+            f"width, 1, 3 or 4 channels); this one takes {[str(s.shape) for s in signature.inputs]}.")
+    return tuple(dict.fromkeys(requested))
+
+
+def _check_image_signature_outputs(plan, path: Path) -> dict:
+    """Each image signature against ``serving_default`` of the same SavedModel, on the
+    validation inputs as uint8 images (PNG-encoded for ``image_bytes``: lossless)."""
+    images = np.clip(np.round(np.asarray(plan.feed[0], np.float32)), 0, 255).astype(np.uint8)
+    loaded = tf.saved_model.load(str(path))
+    name = plan.signature.input_names[0]
+    expected = loaded.signatures["serving_default"](
+        **{name: tf.constant(images.astype(plan.signature.inputs[0].dtype.as_numpy_dtype))})
+    report = {}
+    for kind in plan.image_signatures:
+        function = loaded.signatures[IMAGE_SIGNATURES[kind]]
+        if kind == "image_bytes":
+            actual = function(image_bytes=tf.constant(
+                [tf.io.encode_png(image).numpy() for image in images]))
+        else:
+            actual = function(images=tf.constant(images))
+        worst = 0.0
+        for key, want in expected.items():
+            want, got = want.numpy(), actual[key].numpy()
+            scale = max(float(np.max(np.abs(want))), 1e-6)
+            worst = max(worst, float(np.max(np.abs(got.astype(np.float64) - want))) / scale)
+        if not worst <= 1e-5:
+            raise ExportValidationError(
+                f"The SavedModel's {IMAGE_SIGNATURES[kind]} signature computes something other "
+                f"than serving_default on the same images ({worst:.2e} of the largest output "
+                "apart): its decoding or resizing changed the pixels. Nothing was written; "
+                "report it to tfopt with the model's input shape.")
+        report[IMAGE_SIGNATURES[kind]] = {"max_rel_to_serving_default": worst,
+                                          "images": int(len(images))}
+    return report
 
 
 def _build_saved_model_xla(plan, serve, path, built, stage) -> BuiltArtifact:

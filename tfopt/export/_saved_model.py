@@ -170,9 +170,47 @@ def frozen_graph_def(concrete) -> tuple:
             [t.name for t in concrete.outputs])
 
 
+def image_functions(serve, signature: ModelSignature, kinds: Sequence[str]) -> dict:
+    """Signatures that take images as clients hold them and call ``serve`` on them.
+
+    ``image_bytes``: encoded files (``tf.string``, any format ``tf.io.decode_image``
+    reads), decoded to the model's channels and resized to its height and width;
+    ``uint8``: uint8 images of any size, resized. Pixels go in as float [0, 255].
+    """
+    if not kinds:
+        return {}
+    spec = signature.inputs[0]
+    height, width, channels = spec.shape[1], spec.shape[2], spec.shape[3]
+
+    def to_model(image):
+        resized = tf.image.resize(tf.cast(image, tf.float32), (height, width))
+        return tf.cast(resized, spec.dtype)
+
+    functions = {}
+    if "image_bytes" in kinds:
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+        def serve_image_bytes(image_bytes):
+            def decode(data):
+                image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+                image.set_shape([None, None, channels])
+                return to_model(image)
+            batch = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec(
+                [height, width, channels], spec.dtype))
+            return serve(batch)
+        functions["serving_image_bytes"] = serve_image_bytes
+    if "uint8" in kinds:
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8,
+                                                    name="images")])
+        def serve_uint8(images):
+            return serve(to_model(images))
+        functions["serving_uint8"] = serve_uint8
+    return functions
+
+
 def write_saved_model(model: keras.Model, signature: ModelSignature, path: Path, *,
                       freeze: bool = False,
-                      warmup: Optional[Sequence[np.ndarray]] = None) -> None:
+                      warmup: Optional[Sequence[np.ndarray]] = None,
+                      image_signatures: Sequence[str] = ()) -> None:
     """Write a lean SavedModel with a ``serving_default`` signature (and ``serve``).
 
     Lean: it holds what inference reads and nothing else, each tensor once.
@@ -206,11 +244,13 @@ def write_saved_model(model: keras.Model, signature: ModelSignature, path: Path,
         function = tf.function(serve_frozen, input_signature=list(signature.inputs))
         root = _root([])
         root.serve = function
-        tf.saved_model.save(root, str(path), signatures={"serving_default": function})
+        extra = image_functions(function, signature, image_signatures)
+        tf.saved_model.save(root, str(path), signatures={"serving_default": function, **extra})
     else:
         root = _root(concrete.variables)  # each variable the serving graph reads, once
         root.serve = serve
-        tf.saved_model.save(root, str(path), signatures={"serving_default": concrete})
+        extra = image_functions(serve, signature, image_signatures)
+        tf.saved_model.save(root, str(path), signatures={"serving_default": concrete, **extra})
     if warmup is not None:
         write_warmup_requests(path / WARMUP_FILE, signature, warmup)
 
