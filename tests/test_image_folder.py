@@ -96,6 +96,11 @@ def test_export_and_bench_take_datasets(jpeg_folder, tmp_path):
     model.fit(train, epochs=3, verbose=0)
     result = tfopt.export(model, tmp_path / "out", formats=("onnx",), validation_data=val)
     assert result.max_abs_error < 1e-4
+    # Labels came with the dataset: the manifest gives each artifact's accuracy beside Keras's.
+    validation = result.manifest["validation"]
+    assert validation["samples"] == 45
+    assert validation["accuracy"]["onnx"] == pytest.approx(validation["keras_accuracy"])
+    assert validation["keras_accuracy"] == pytest.approx(model.evaluate(val, verbose=0)[1])
     # Unlabelled and unbatched elements are read too.
     unbatched = val.unbatch().map(lambda image, label: image)
     again = tfopt.export(model, tmp_path / "again", formats=("onnx",), validation_data=unbatched)
@@ -127,6 +132,9 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
             x = keras.layers.GlobalAveragePooling2D()(x)
             return keras.Model(inputs, keras.layers.Dense({len(CLASSES)}, name="logits")(x))
     """))
+    from tfopt.artifacts._openvino import available
+
+    formats = "saved_model, onnx" + (", openvino" if available() else "")
     recipe = tmp_path / "jpegs.yaml"
     recipe.write_text(textwrap.dedent(f"""
         name: jpegs
@@ -138,7 +146,7 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
         prune: {{structure: channels, final_sparsity: 0.25, epochs: 2}}
         finetune: {{epochs: 1}}
         quantize: {{epochs: 1, calibration_samples: 64}}
-        export: {{formats: [saved_model, onnx], image_signatures: [image_bytes]}}
+        export: {{formats: [{formats}], image_signatures: [image_bytes]}}
         bench: {{batch_sizes: [1], repeats: 2, warmup: 1, min_seconds: 0, memory: false}}
     """))
     metrics = _pipeline.run(_recipe.load(recipe), tmp_path / "run", verbose=0)
@@ -147,7 +155,10 @@ def test_a_recipe_runs_the_workflow_from_a_folder_of_jpegs(jpeg_folder, tmp_path
     assert json.loads((tmp_path / "run" / "stages" / "state.json").read_text())["finished"] == [
         "trained", "pruned", "finetuned", "qat"]
     accuracy = metrics["artifacts_accuracy"]
-    assert "optimized onnx int8 / ORT CPU" in accuracy and "baseline saved_model / TensorFlow" in accuracy
+    assert "optimized onnx int8 / ORT CPU" in accuracy
+    assert "baseline saved_model / TensorFlow" in accuracy
+    if available():
+        assert any(name.startswith("optimized openvino int8") for name in accuracy), accuracy
     assert metrics["baseline_accuracy"] > 0.6  # three digits, four epochs: it learned
     report = (tmp_path / "run" / "report.md").read_text()
     assert "over all 45 test samples" in report

@@ -319,7 +319,7 @@ MULTI_WORKER_FIXED_KERAS = ("3.15",)
 
 @contextlib.contextmanager
 def keras_multi_worker_fixes() -> Iterator[None]:
-    """Mend the two spots of Keras 3's TensorFlow trainer that fail under MultiWorkerMirroredStrategy.
+    """Mend Keras 3's TensorFlow trainer where it fails under MultiWorkerMirroredStrategy.
 
     1. ``TensorFlowTrainer._maybe_symbolic_build`` builds the model from the
        first distributed batch by ``strategy.reduce("MEAN", batch)``, which a

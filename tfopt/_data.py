@@ -28,7 +28,8 @@ def is_labelled(dataset) -> bool:
     return isinstance(spec, tuple) and 2 <= len(spec) <= 3
 
 
-def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None):
+def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None,
+                        with_labels: bool = False):
     """Up to ``max_samples`` inputs of ``dataset``, as arrays shaped like its elements.
 
     Elements may be inputs or ``(inputs, labels[, weights])``, batched or
@@ -37,6 +38,9 @@ def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None):
     in hand. ``sample_rank``: the rank of one sample of the (first) input,
     when the model says it; elements one rank higher are batches. Without
     it, elements with a free leading dimension are taken as batches.
+
+    With ``with_labels``, returns ``(inputs, labels)``: the labels of those
+    samples, or None for a dataset of inputs alone.
 
     Raises:
         ConfigError: the dataset yields nothing, or elements tfopt cannot read.
@@ -57,9 +61,11 @@ def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None):
         batched = first.rank is not None and first.rank >= 1 and first[0] is None
     if not batched:  # one sample per element
         dataset = dataset.batch(64)
-    chunks, count = [], 0
+    chunks, labels, count = [], [], 0
     for element in dataset:
         x = element[0] if labelled else element
+        if labelled:
+            labels.append(np.asarray(element[1]))
         chunks.append(tf.nest.map_structure(lambda t: np.asarray(t), x))
         count += len(tf.nest.flatten(chunks[-1])[0])
         if count >= max_samples:
@@ -68,4 +74,6 @@ def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None):
         raise ConfigError(f"{what} is an empty tf.data.Dataset: pass at least one batch.")
     joined = tf.nest.map_structure(lambda *parts: np.concatenate(parts)[:max_samples], *chunks)
     logger.info("%s: %d sample(s) read from the dataset.", what, min(count, max_samples))
+    if with_labels:
+        return joined, np.concatenate(labels)[:max_samples] if labels else None
     return joined

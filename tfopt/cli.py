@@ -214,7 +214,8 @@ def _cmd_export(args) -> int:
     validation = _load_array(args.validation_data, "--validation-data")
     if args.data:
         validation = _folder(args.data, _input_shape(args.model))
-    result = tfopt.export(model, args.output, formats=tuple(args.formats or ("saved_model", "onnx")),
+    formats = tuple(args.formats or ("saved_model", "onnx"))
+    result = tfopt.export(model, args.output, formats=formats,
                           precision=args.precision, overwrite=args.overwrite,
                           fp16_io=args.fp16_io, placement=args.placement,
                           tolerance=args.tolerance, validation_data=validation,

@@ -260,6 +260,7 @@ class ExportPlan:
     placement: str
     fp16_io: bool = False
     image_signatures: tuple = ()
+    labels: Optional[np.ndarray] = None  # class labels of the feed (a labelled dataset)
 
     def target(self, fmt: str) -> str:
         return _targets(self.name, self.version)[fmt]
@@ -367,11 +368,12 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
                           "validation_data: pass some real inputs.")
     name = _check_name(model.name if name is None else name)
 
+    labels = None
     if _data.is_dataset(validation_data):
         inputs = getattr(model, "inputs", None)
-        validation_data = _data.inputs_from_dataset(
+        validation_data, labels = _data.inputs_from_dataset(
             validation_data, VALIDATION_SAMPLES, "validation_data",
-            sample_rank=len(inputs[0].shape) - 1 if inputs else None)
+            sample_rank=len(inputs[0].shape) - 1 if inputs else None, with_labels=True)
     signature = _signature.infer(model, input_signature, validation_data)
     if validation_data is None:
         logger.warning("No validation_data: artifacts are checked on random inputs. "
@@ -395,7 +397,7 @@ def _plan(model, directory, *, formats, precision, input_signature, validation_d
     return ExportPlan(model, Path(directory), formats, chosen, precision, quantized, signature,
                       feed, reference, validation_data is not None, freeze, warmup, opset,
                       batch_sizes, name, version, tolerance, placement, fp16_io,
-                      image_signatures)
+                      image_signatures, _classifier_labels(labels, reference, signature))
 
 
 MIN_OPSET, MAX_OPSET = 13, 21
@@ -541,9 +543,28 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
             except ExportValidationError as exc:
                 exc.format = fmt  # which artifact failed: tfopt run exports the others
                 raise
+            if plan.labels is not None:
+                artifact.info["accuracy"] = _accuracy(
+                    actual[plan.signature.outputs[0]], plan.labels)
         results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
                                       artifact.info))
     return results
+
+
+def _classifier_labels(labels, reference: dict, signature) -> Optional[np.ndarray]:
+    """The feed's labels, kept when the first output scores one class per column."""
+    if labels is None:
+        return None
+    scores = reference[signature.outputs[0]]
+    labels = np.asarray(labels).reshape(-1)
+    if scores.ndim != 2 or scores.shape[1] < 2 or labels.dtype.kind not in "iu" \
+            or len(labels) != len(scores):
+        return None
+    return labels
+
+
+def _accuracy(scores, labels) -> float:
+    return float(np.mean(np.asarray(scores).argmax(axis=1) == labels))
 
 
 def _check_arithmetic(plan: ExportPlan, artifact: BuiltArtifact, limits) -> tuple[dict, str]:
@@ -754,7 +775,8 @@ def _check_image_signatures(requested, formats, signature) -> tuple:
             or shape[3] not in (1, 3, 4):
         raise ConfigError(
             "image_signatures need a model with one image input of shape (batch, height, "
-            f"width, 1, 3 or 4 channels); this one takes {[str(s.shape) for s in signature.inputs]}.")
+            "width, 1, 3 or 4 channels); this one takes "
+            f"{[str(s.shape) for s in signature.inputs]}.")
     return tuple(dict.fromkeys(requested))
 
 
@@ -1052,6 +1074,12 @@ def _manifest(plan: ExportPlan, artifacts: list[ArtifactResult]) -> dict:
         },
         "sparsity": model_sparsity,
         "validation": {"inputs": "validation_data" if plan.real_inputs else "random",
-                       "errors": {a.format: a.errors for a in artifacts}},
+                       "samples": int(len(plan.feed[0])),
+                       "errors": {a.format: a.errors for a in artifacts},
+                       **({"keras_accuracy": _accuracy(reference[signature.outputs[0]],
+                                                       plan.labels),
+                           "accuracy": {a.format: a.info["accuracy"] for a in artifacts
+                                        if "accuracy" in a.info}}
+                          if plan.labels is not None else {})},
         "sizes": {a.format: a.sizes for a in artifacts},
     }
