@@ -565,8 +565,9 @@ def test_recipe_takes_structure_channels(tmp_path):
 
     model = digits_cnn()
     x, y = small_data(64)
+    data = _pipeline._Data(((x, y), (x, y)), "synthetic")
     small = _pipeline._prune(model, {"structure": "channels", "final_sparsity": 0.5,
-                                     "epochs": 1}, x, y, lambda _: None, 0)
+                                     "epochs": 1}, data, lambda _: None, 0)
     assert _pipeline._channel_counts(model, small) == {
         "conv1": [32, 16], "conv2": [32, 16], "dense1": [64, 32]}
 
