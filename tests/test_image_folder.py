@@ -57,7 +57,8 @@ def test_image_folder_streams_train_and_val_with_class_names(jpeg_folder):
     assert sum(len(b[1]) for b in val) == 45
 
 
-@pytest.mark.parametrize("problem", ["one_class", "corrupt", "no_val", "image_size", "missing"])
+@pytest.mark.parametrize("problem", ["one_class", "corrupt", "truncated", "empty_class", "no_val",
+                                     "image_size", "batch_size", "split", "missing"])
 def test_image_folder_refuses_what_it_cannot_train_on_by_name(tmp_path, digits, problem):
     (x, y), _ = digits
     size = (SIZE, SIZE)
@@ -73,7 +74,28 @@ def test_image_folder_refuses_what_it_cannot_train_on_by_name(tmp_path, digits, 
         write_jpegs(root / "train", x, y, per_class=3)
         write_jpegs(root / "val", x, y, per_class=3)
         (root / "train" / "digit_1" / "1.jpg").write_bytes(b"<html>not an image</html>")
-        match = r"1 file\(s\) .* not the images their names say: .*digit_1/1\.jpg"
+        match = r"1 file\(s\) .* not whole images .*digit_1/1\.jpg \(not a jpg file\)"
+    elif problem == "truncated":
+        write_jpegs(root / "train", x, y, per_class=3)
+        write_jpegs(root / "val", x, y, per_class=3)
+        image = root / "val" / "digit_2" / "0.jpg"
+        image.write_bytes(image.read_bytes()[:len(image.read_bytes()) // 2])
+        match = r"digit_2/0\.jpg \(cut short\)"
+    elif problem == "empty_class":
+        write_jpegs(root / "train", x, y, per_class=3)
+        write_jpegs(root / "val", x, y, per_class=3)
+        (root / "train" / "digit_9").mkdir()
+        match = r"class folder\(s\) digit_9 hold no images"
+    elif problem in ("batch_size", "split"):
+        write_jpegs(root, x, y, per_class=3)
+        size_or_split = {"batch_size": "batch_size must be a positive integer",
+                         "split": "validation_split must be a fraction"}
+        with pytest.raises(ConfigError, match=size_or_split[problem]):
+            if problem == "batch_size":
+                tfopt.datasets.image_folder(root, size, batch_size="16", validation_split=0.2)
+            else:
+                tfopt.datasets.image_folder(root, size, validation_split=0)
+        return
     elif problem == "no_val":
         write_jpegs(root / "train", x, y, per_class=3)
         match = "train/ but no val/"
@@ -115,6 +137,8 @@ def test_export_and_bench_take_datasets(jpeg_folder, tmp_path):
     onnx_rows = [r for r in report.rows if r.backend == "ort_cpu"]
     assert onnx_rows and all(r.accuracy == pytest.approx(keras_accuracy, abs=1e-6)
                              for r in onnx_rows)
+    with pytest.raises(ConfigError, match="repeats forever"):
+        tfopt.bench.run([result.paths["onnx"]], val.repeat(), progress=False)
     with pytest.raises(ConfigError, match="labels= with a tf.data.Dataset"):
         tfopt.bench.run([model], val, labels=np.zeros(45, "int32"), progress=False)
 
@@ -211,3 +235,29 @@ def test_image_signatures_are_refused_where_they_cannot_apply(tmp_path):
     with pytest.raises(ConfigError, match="one image input"):
         tfopt.export(vector, tmp_path / "c", image_signatures=["uint8"])
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+@pytest.mark.parametrize("mismatch", ["classes", "image_size"])
+def test_a_recipe_whose_model_does_not_fit_its_folder_is_refused_before_anything(
+        jpeg_folder, tmp_path, mismatch):
+    (tmp_path / "two.py").write_text(textwrap.dedent(f"""
+        import keras
+
+        def classifier(classes=2, size={SIZE}):
+            inputs = keras.Input((size, size, 3))
+            x = keras.layers.GlobalAveragePooling2D()(inputs)
+            return keras.Model(inputs, keras.layers.Dense(classes)(x))
+    """))
+    args = {"classes": "{classes: 2}", "image_size": "{classes: 3, size: 16}"}[mismatch]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(textwrap.dedent(f"""
+        name: r
+        model: {{source: "two:classifier", args: {args}}}
+        data: {{source: image_folder, args: {{directory: "{jpeg_folder}", image_size: [{SIZE}, {SIZE}]}}}}
+        train: {{epochs: 1}}
+    """))
+    match = {"classes": "has 3 classes, the model's output has 2",
+             "image_size": r"Set data.args.image_size to \[16, 16\]"}[mismatch]
+    with pytest.raises(_recipe.RecipeError, match=match):
+        _pipeline.run(_recipe.load(recipe), tmp_path / "out", verbose=0)
+    assert not (tmp_path / "out").exists()

@@ -112,3 +112,12 @@ def test_a_schedule_in_epochs_sets_its_steps_and_about_ten_updates():
         tfopt.PolynomialDecay.over_epochs(0.0, 0.8, steps_per_epoch=42, end_epoch=0)
     with pytest.raises(ConfigError, match="steps_per_epoch"):
         tfopt.PolynomialDecay.over_epochs(0.0, 0.8, steps_per_epoch=0, end_epoch=2)
+
+
+def test_a_schedule_that_begins_after_the_fit_says_nothing_will_be_pruned():
+    from tfopt.pruning._schedules import fit_plan_problem
+
+    late = tfopt.PolynomialDecay(0.0, 0.7, 50, 80, frequency=10)
+    problem = fit_plan_problem(late, 0, 32)
+    assert "begins at step 50" in problem and "no weight is pruned" in problem
+    assert "begins at step" in fit_plan_problem(tfopt.ConstantSparsity(0.5, begin_step=40), 0, 32)

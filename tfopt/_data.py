@@ -28,6 +28,12 @@ def is_labelled(dataset) -> bool:
     return isinstance(spec, tuple) and 2 <= len(spec) <= 3
 
 
+def is_infinite(dataset) -> bool:
+    import tensorflow as tf
+
+    return int(dataset.cardinality()) == int(tf.data.INFINITE_CARDINALITY)
+
+
 def inputs_from_dataset(dataset, max_samples: int, what: str, sample_rank=None,
                         with_labels: bool = False):
     """Up to ``max_samples`` inputs of ``dataset``, as arrays shaped like its elements.

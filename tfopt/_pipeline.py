@@ -218,6 +218,36 @@ class _Data:
                 "(inputs, labels) batches.") from None
         self.train, self.test = (x, y), (x_test, y_test)
 
+    def check_model(self, model) -> None:
+        """Refuse, before any training, data the model cannot take or classes it lacks."""
+        inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+        if self.streamed:
+            import tensorflow as tf
+
+            spec = tf.nest.flatten(self.train.element_spec[0])[0]
+            given, classes = tuple(spec.shape[1:]), getattr(self.train, "class_names", None)
+            count = len(classes) if classes else None
+        else:
+            given = tuple(np.shape(self.train[0])[1:])
+            labels = np.asarray(self.train[1])
+            count = int(labels.max()) + 1 if labels.dtype.kind in "iu" and labels.ndim == 1 \
+                else None
+        if inputs and len(inputs) == 1:
+            wanted = tuple(inputs[0].shape[1:])
+            if len(wanted) != len(given) or any(w is not None and g is not None and w != g
+                                                for w, g in zip(wanted, given)):
+                hint = (f" Set data.args.image_size to [{wanted[0]}, {wanted[1]}]."
+                        if self.source == "image_folder" and len(wanted) == 3 else "")
+                raise RecipeError(f"data.source {self.source!r} gives inputs of shape {given}, "
+                                  f"the model takes {wanted}.{hint}")
+        if outputs and count:
+            width = outputs[0].shape[-1]
+            if width is not None and 1 < width < count or width == 1 and count > 2:
+                raise RecipeError(
+                    f"data.source {self.source!r} has {count} classes, the model's output has "
+                    f"{width}: give the model one output per class (e.g. num_classes: {count} "
+                    "in model.args).")
+
     def fit(self, model, *, epochs: int, batch_size: int, verbose: int, callbacks=()):
         if self.streamed:  # batched by the dataset itself
             return model.fit(self.train, epochs=epochs, verbose=verbose, callbacks=list(callbacks),
@@ -264,17 +294,19 @@ class _Data:
 class _Stages:
     """Each finished stage's model, saved under ``output/stages`` before the next begins.
 
-    ``state.json`` names the finished stages and the recipe they came from (its
-    text's SHA-256): ``tfopt run --resume`` loads the last one and goes on from
-    there, refusing if the recipe changed. Models are written to a temporary
-    name and renamed, so a kill mid-save leaves the previous state whole.
+    ``state.json`` names the finished stages and the recipe they came from (the
+    SHA-256 of its parsed contents): ``tfopt run --resume`` loads the last one and
+    goes on from there, refusing if the recipe changed. Models are written to a
+    temporary name and renamed, so a kill mid-save leaves the previous state whole.
     """
 
     def __init__(self, folder: Path, recipe: Recipe, resume: bool):
         import hashlib
 
         self.folder = folder
-        self.recipe_hash = hashlib.sha256(recipe.path.read_bytes()).hexdigest()
+        # the recipe as parsed: comments and layout may change, what it asks for may not
+        self.recipe_hash = hashlib.sha256(
+            json.dumps(recipe.spec, sort_keys=True, default=str).encode()).hexdigest()
         self.finished: list[str] = []
         state = folder / "state.json"
         if resume and state.is_file():
@@ -337,11 +369,12 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
         return {"headline": f"Nothing written to {output}: {worker} is not the chief; the "
                             "chief runs the recipe.", "cpu": _cpu_int8.describe_cpu(),
                 "skipped": str(worker)}
-    output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     keras.utils.set_random_seed(int(spec.get("seed", 0)))
     model = load_model(spec["model"], recipe.path.parent)
     data = _Data(load_data(spec["data"], recipe.path.parent), spec["data"]["source"])
+    data.check_model(model)
+    output.mkdir(parents=True, exist_ok=True)  # only once the recipe can run
     metrics: dict = {"recipe": str(recipe.path), "name": spec["name"], "steps": []}
     stages = _Stages(output / "stages", recipe, resume)
 

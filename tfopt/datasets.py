@@ -53,36 +53,93 @@ def _class_images(directory) -> dict:
     return classes
 
 
-def _check_images(directory, what: str) -> int:
-    """Refuse, before any training, a folder tfopt cannot train a classifier from.
+def _whole(path, suffix: str, size: int, head: bytes) -> bool:
+    """Whether an image file ends as its format ends, read from its last bytes only: a
+    file cut short (an interrupted copy or download) does not."""
+    if suffix == ".bmp":  # the header records the file's size
+        return size >= int.from_bytes(head[2:6], "little")
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 64))
+        tail = handle.read()
+    if suffix in (".jpg", ".jpeg"):
+        return b"\xff\xd9" in tail  # end-of-image marker (some writers pad after it)
+    if suffix == ".png":
+        return b"IEND" in tail[-16:]
+    return b";" in tail[-8:]  # GIF trailer
 
-    Every image's first bytes are read (not the whole file): a file whose
-    extension says image but whose bytes do not is named, with the others.
-    Returns the number of images.
+
+def _check_images(directory, what: str, *, min_classes: int = 2,
+                  consequence: str = "nothing was trained") -> int:
+    """Refuse, before any work, a folder of classes tfopt cannot use.
+
+    Each image's first bytes and last bytes are read (not the whole file):
+    a file whose bytes are not the image its extension says, or that is cut
+    short, is named with the others. A class folder without images is
+    refused too (the model would get a class it never sees). Returns the
+    number of images.
     """
     from tfopt.errors import ConfigError
 
     classes = _class_images(directory)
+    empty = [name for name, paths in classes.items() if not paths]
     with_images = {name: paths for name, paths in classes.items() if paths}
-    if len(with_images) < 2:
+    if len(with_images) < min_classes:
         raise ConfigError(
             f"{what} {directory} has {len(with_images)} class folder(s) with images "
             f"({', '.join(f'{k}: {len(v)}' for k, v in classes.items()) or 'no sub-folders'}): "
-            "a classifier needs one sub-folder per class, at least two, each holding images "
-            f"({', '.join(sorted(_IMAGE_SIGNATURES))}).")
+            f"it needs one sub-folder per class{', at least two,' if min_classes > 1 else ''} "
+            f"each holding images ({', '.join(sorted(_IMAGE_SIGNATURES))}).")
+    if empty:
+        raise ConfigError(
+            f"{what} {directory}: class folder(s) {', '.join(empty)} hold no images "
+            f"({', '.join(sorted(_IMAGE_SIGNATURES))}); a model would get a class it never "
+            f"sees. Add images or remove the folders; {consequence}.")
     unreadable = []
     for paths in with_images.values():
         for path in paths:
+            suffix = path.suffix.lower()
+            size = path.stat().st_size
             with open(path, "rb") as handle:
                 head = handle.read(8)
-            if not head.startswith(_IMAGE_SIGNATURES[path.suffix.lower()]):
-                unreadable.append(str(path))
+            if not head.startswith(_IMAGE_SIGNATURES[suffix]):
+                unreadable.append(f"{path} (not a {suffix[1:]} file)")
+            elif not _whole(path, suffix, size, head):
+                unreadable.append(f"{path} (cut short)")
     if unreadable:
         raise ConfigError(
-            f"{len(unreadable)} file(s) in {directory} are not the images their names say: "
-            f"{', '.join(unreadable[:10])}{' ...' if len(unreadable) > 10 else ''}. "
-            "Remove or replace them; nothing was trained.")
+            f"{len(unreadable)} file(s) in {directory} are not whole images of the kind their "
+            f"names say: {', '.join(unreadable[:10])}{' ...' if len(unreadable) > 10 else ''}. "
+            f"Remove or replace them; {consequence}.")
     return sum(len(v) for v in with_images.values())
+
+
+def _check_reading(image_size, batch_size, validation_split, seed, color_mode) -> tuple:
+    """image_folder's arguments, checked before anything is read."""
+    import numbers
+
+    from tfopt.errors import ConfigError
+
+    def integer(value):
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2
+            and all(integer(v) and v > 0 for v in image_size)):
+        raise ConfigError(f"image_folder: image_size must be [height, width], positive "
+                          f"integers, got {image_size!r}.")
+    if not integer(batch_size) or batch_size < 1:
+        raise ConfigError(f"image_folder: batch_size must be a positive integer, got "
+                          f"{batch_size!r}.")
+    if validation_split is not None and (
+            isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real)
+            or not 0 < validation_split < 1):
+        raise ConfigError(f"image_folder: validation_split must be a fraction between 0 and 1 "
+                          f"(e.g. 0.2), or left out; got {validation_split!r}.")
+    if not integer(seed):
+        raise ConfigError(f"image_folder: seed must be an integer, got {seed!r}.")
+    if color_mode not in ("rgb", "grayscale", "rgba"):
+        raise ConfigError(f"image_folder: color_mode must be 'rgb', 'grayscale' or 'rgba', got "
+                          f"{color_mode!r}.")
+    return tuple(int(v) for v in image_size)
 
 
 def image_folder(directory, image_size, *, batch_size: int = 32, validation_split=None,
@@ -125,12 +182,8 @@ def image_folder(directory, image_size, *, batch_size: int = 32, validation_spli
     if not root.is_dir():
         raise ConfigError(f"image_folder: {directory!r} is not a folder. Give the folder that "
                           "holds train/ and val/, or one sub-folder per class.")
-    if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2
-            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
-                    for v in image_size)):
-        raise ConfigError(f"image_folder: image_size must be [height, width], positive "
-                          f"integers, got {image_size!r}.")
-    read = dict(image_size=tuple(image_size), batch_size=batch_size, seed=seed,
+    image_size = _check_reading(image_size, batch_size, validation_split, seed, color_mode)
+    read = dict(image_size=image_size, batch_size=int(batch_size), seed=int(seed),
                 color_mode=color_mode, label_mode="int", verbose=False)
     validation = next((root / n for n in _VALIDATION_NAMES if (root / n).is_dir()), None)
     if (root / "train").is_dir() and validation is not None:
@@ -183,10 +236,11 @@ def image_folder_for_evaluation(directory, image_size, *, batch_size: int = 32,
     if not root.is_dir():
         raise ConfigError(f"{directory!r} is not a folder of images.")
     root = next((root / n for n in _VALIDATION_NAMES if (root / n).is_dir()), root)
-    read = dict(image_size=tuple(image_size), batch_size=batch_size, shuffle=False,
+    image_size = _check_reading(image_size, batch_size, None, 0, color_mode)
+    read = dict(image_size=image_size, batch_size=int(batch_size), shuffle=False,
                 color_mode=color_mode, verbose=False)
     if any(p.is_dir() for p in root.iterdir()):
-        _check_images(root, "the folder")
+        _check_images(root, "the folder", min_classes=1, consequence="nothing was read")
         return keras.utils.image_dataset_from_directory(root, label_mode="int", **read)
     images = sorted(p for p in root.iterdir() if p.suffix.lower() in _IMAGE_SIGNATURES)
     if not images:

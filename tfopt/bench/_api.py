@@ -305,6 +305,10 @@ def run(artifacts: Sequence[Artifact], inputs, *, batch_sizes: Sequence[int] = (
             raise ConfigError("labels= with a tf.data.Dataset: give a dataset of (inputs, "
                               "labels) instead, and its labels are used.")
         dataset = inputs if _data.is_labelled(inputs) else None
+        if dataset is not None and _data.is_infinite(dataset):
+            raise ConfigError("The dataset passed to tfopt.bench.run repeats forever, and its "
+                              "accuracy is measured over all of it: pass one pass of it (no "
+                              ".repeat()), or .take(n) of it.")
         sizes = _check_run_args(np.zeros((1, 1)), batch_sizes, None, warmup, repeats,
                                 min_seconds)[1]
         inputs = _data.inputs_from_dataset(inputs, max(sizes), "inputs")

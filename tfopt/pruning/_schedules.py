@@ -246,6 +246,10 @@ def fit_plan_problem(schedule: PruningSchedule, first_step: int, steps: int) -> 
     gradual = getattr(schedule, "initial_sparsity", schedule.final_sparsity) \
         != schedule.final_sparsity
     done = schedule.update_steps(first_step, last)
+    if not done and schedule.begin_step > last:
+        return (f"{name} begins at step {schedule.begin_step}, but this fit() runs steps "
+                f"{first_step}-{last}: no weight is pruned in it. Set begin_step below "
+                f"{last + 1} (steps per epoch x epochs), or train longer.")
     reached = float(schedule.sparsity_at(done[-1])) if done else None
     if gradual and schedule.end_step > last and reached is not None \
             and schedule.final_sparsity - reached > 0.01:
