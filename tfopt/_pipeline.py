@@ -327,6 +327,16 @@ class _Stages:
     def has(self, stage: str) -> bool:
         return stage in self.finished
 
+    def run(self, stage: str, label: str, work, step) -> keras.Model:
+        """The model of ``stage``: loaded if a previous run finished it, else
+        ``work()``'s, saved before the next stage begins."""
+        if self.has(stage):
+            step(f"{label}: resumed from stages/{stage}.keras")
+            return self.load(stage)
+        model = work()
+        self.save(stage, model)
+        return model
+
     def load(self, stage: str) -> keras.Model:
         logger.info("Resuming: %s model loaded from %s", stage, self.folder)
         return keras.models.load_model(self.folder / f"{stage}.keras")
@@ -383,15 +393,15 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
         metrics["steps"].append(name)
 
     train = spec.get("train") or {}
-    if stages.has("trained"):
-        step("dense training: resumed from stages/trained.keras")
-        model = stages.load("trained")
-    else:
+
+    def dense_training():
         if train.get("epochs", 0):
             step(f"dense training, {train['epochs']} epoch(s)")
             data.fit(_compile(model, train.get("learning_rate", 1e-3)), epochs=train["epochs"],
                      batch_size=train.get("batch_size", 32), verbose=verbose)
-        stages.save("trained", model)
+        return model
+
+    model = stages.run("trained", "dense training", dense_training, step)
     # Pruning and QAT share layers with the model they start from (as tfmot
     # does), so the baseline is measured on a copy of its own.
     baseline = keras.models.clone_model(model)
@@ -412,35 +422,29 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
 
     current = model
     prune = spec.get("prune")
-    if prune and stages.has("pruned"):
-        step("pruning: resumed from stages/pruned.keras")
-        current = stages.load("pruned")
-    elif prune:
-        current = _prune(current, prune, data, step, verbose)
-        stages.save("pruned", current)
     if prune:
+        current = stages.run("pruned", "pruning",
+                             lambda: _prune(model, prune, data, step, verbose), step)
         if prune.get("structure") == "channels":
             metrics["channels"] = _channel_counts(baseline, current)
         else:
             metrics["sparsity"] = tfopt.sparsity(current)
     finetune = spec.get("finetune")
-    if finetune and finetune.get("epochs", 0) and stages.has("finetuned"):
-        step("fine-tuning: resumed from stages/finetuned.keras")
-        current = stages.load("finetuned")
-    elif finetune and finetune.get("epochs", 0):
-        # the stripped (physically smaller, for channels) model, trained on as it is served
-        step(f"fine-tuning the stripped model, {finetune['epochs']} epoch(s)")
-        data.fit(_compile(current, finetune.get("learning_rate", 1e-4)),
-                 epochs=finetune["epochs"], batch_size=finetune.get("batch_size", 32),
-                 verbose=verbose)
-        stages.save("finetuned", current)
+    if finetune and finetune.get("epochs", 0):
+        def fine_tuning(stripped=current):
+            # the stripped (physically smaller, for channels) model, trained as it is served
+            step(f"fine-tuning the stripped model, {finetune['epochs']} epoch(s)")
+            data.fit(_compile(stripped, finetune.get("learning_rate", 1e-4)),
+                     epochs=finetune["epochs"], batch_size=finetune.get("batch_size", 32),
+                     verbose=verbose)
+            return stripped
+
+        current = stages.run("finetuned", "fine-tuning", fine_tuning, step)
     quantize = spec.get("quantize")
-    if quantize and stages.has("qat"):
-        step("quantization-aware training: resumed from stages/qat.keras")
-        current = stages.load("qat")
-    elif quantize:
-        current = _quantize(current, quantize, data, step, verbose)
-        stages.save("qat", current)
+    if quantize:
+        current = stages.run("qat", "quantization-aware training",
+                             lambda start=current: _quantize(start, quantize, data, step,
+                                                             verbose), step)
     if getattr(current, "optimizer", None) is None:
         _compile(current, 1e-3)
     metrics["final_accuracy"] = data.evaluate(current)
