@@ -88,8 +88,8 @@ def test_image_folder_refuses_what_it_cannot_train_on_by_name(tmp_path, digits, 
         match = r"class folder\(s\) digit_9 hold no images"
     elif problem in ("batch_size", "split"):
         write_jpegs(root, x, y, per_class=3)
-        size_or_split = {"batch_size": "batch_size must be a positive integer",
-                         "split": "validation_split must be a fraction"}
+        size_or_split = {"batch_size": r"batch_size must be an integer >= 1, got the string '16'",
+                         "split": r"validation_split must be a number > 0 and < 1, got 0"}
         with pytest.raises(ConfigError, match=size_or_split[problem]):
             if problem == "batch_size":
                 tfopt.datasets.image_folder(root, size, batch_size="16", validation_split=0.2)

@@ -18,8 +18,8 @@ ROOT = Path(__file__).resolve().parents[1] / "tfopt"
 # Lowest first. Parts of one rank may import each other, as long as no circle forms.
 RANKS = [
     {"tfopt._version", "tfopt.errors", "tfopt._warn", "tfopt._quiet", "tfopt.targets",
-     "tfopt.datasets", "tfopt.examples"},
-    {"tfopt._compat", "tfopt._checks", "tfopt._recipe", "tfopt._data"},
+     "tfopt.examples"},
+    {"tfopt._compat", "tfopt._checks", "tfopt._recipe", "tfopt._data", "tfopt.datasets"},
     {"tfopt._tree", "tfopt._substitute", "tfopt.distribute"},
     {"tfopt._prunable", "tfopt._flops", "tfopt.artifacts"},
     {"tfopt.pruning", "tfopt.quantization"},

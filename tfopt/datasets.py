@@ -117,29 +117,25 @@ def _check_reading(image_size, batch_size, validation_split, seed, color_mode) -
     """image_folder's arguments, checked before anything is read."""
     import numbers
 
+    from tfopt import _checks
     from tfopt.errors import ConfigError
 
-    def integer(value):
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-    if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2
-            and all(integer(v) and v > 0 for v in image_size)):
+    if not (isinstance(image_size, (list, tuple)) and len(image_size) == 2 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+            for v in image_size)):
         raise ConfigError(f"image_folder: image_size must be [height, width], positive "
                           f"integers, got {image_size!r}.")
-    if not integer(batch_size) or batch_size < 1:
-        raise ConfigError(f"image_folder: batch_size must be a positive integer, got "
-                          f"{batch_size!r}.")
-    if validation_split is not None and (
-            isinstance(validation_split, bool) or not isinstance(validation_split, numbers.Real)
-            or not 0 < validation_split < 1):
-        raise ConfigError(f"image_folder: validation_split must be a fraction between 0 and 1 "
-                          f"(e.g. 0.2), or left out; got {validation_split!r}.")
-    if not integer(seed):
-        raise ConfigError(f"image_folder: seed must be an integer, got {seed!r}.")
+    size = tuple(int(v) for v in image_size)
+    _checks.number("image_folder: batch_size", batch_size, low=1, integer=True)
+    if validation_split is not None:
+        _checks.number("image_folder: validation_split", validation_split, low=0, high=1,
+                       low_open=True, high_open=True,
+                       hint="It is the fraction held out for validation, e.g. 0.2.")
+    _checks.number("image_folder: seed", seed, integer=True)
     if color_mode not in ("rgb", "grayscale", "rgba"):
         raise ConfigError(f"image_folder: color_mode must be 'rgb', 'grayscale' or 'rgba', got "
                           f"{color_mode!r}.")
-    return tuple(int(v) for v in image_size)
+    return size
 
 
 def image_folder(directory, image_size, *, batch_size: int = 32, validation_split=None,
