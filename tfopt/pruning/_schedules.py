@@ -13,6 +13,7 @@ from typing import Optional
 import keras
 import tensorflow as tf
 
+from tfopt import _checks
 from tfopt.errors import ConfigError
 
 
@@ -197,9 +198,7 @@ class PolynomialDecay(PruningSchedule):
         steps_per_epoch = _check_int("steps_per_epoch", steps_per_epoch, 1)
         updates = _check_int("updates", updates, 1)
         for name, value in (("begin_epoch", begin_epoch), ("end_epoch", end_epoch)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) \
-                    or not 0 <= value < float("inf"):
-                raise ConfigError(f"{name} must be a number of epochs >= 0, got {value!r}.")
+            _checks.number(name, value, low=0, hint="It is a number of epochs.")
         begin = int(round(begin_epoch * steps_per_epoch))
         end = int(round(end_epoch * steps_per_epoch))
         if end <= begin:
