@@ -13,6 +13,10 @@ from tfopt.pruning import _channels
 
 from conftest import small_data
 
+# These tests count channels on tiny models: no rounding of the channels kept to a
+# multiple of 8 (tfopt.prune's default), so that 50% of 8 channels keeps 4.
+EXACT = 1
+
 
 # -- helpers -----------------------------------------------------------------------
 
@@ -56,7 +60,7 @@ def has_tfopt_objects(model):
 
 def prune_fit_strip(model, sparsity=0.5, x=None, y=None, **kwargs):
     pruned = tfopt.prune(model, tfopt.ConstantSparsity(sparsity, frequency=1),
-                         structure="channels", **kwargs)
+                         structure="channels", channel_multiple=EXACT, **kwargs)
     fit(pruned, x, y)
     return pruned, tfopt.strip(pruned)
 
@@ -139,7 +143,7 @@ def test_fit_then_strip_gives_a_smaller_plain_model_that_computes_the_same(kind)
 def test_the_schedule_rises_and_removed_channels_stay_removed():
     model = functional()
     schedule = tfopt.PolynomialDecay(0.25, 0.75, begin_step=0, end_step=8, frequency=4)
-    pruned = tfopt.prune(model, schedule, structure="channels")
+    pruned = tfopt.prune(model, schedule, structure="channels", channel_multiple=EXACT)
     x, y = small_data(64)
     fit(pruned, x, y, epochs=1)  # steps 0-3: masks set at step 0 only
     group = next(g for w in _channels.channel_wrappers(pruned) for g in w._owned
@@ -185,7 +189,7 @@ def test_bn_scale_importance_keeps_the_channels_with_the_largest_gamma():
     bn.gamma.assign(gamma)
     kept = {}
     for importance in ("l2", "bn_scale"):
-        pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels",
+        pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT,
                              importance=importance)
         _channels.update_masks(pruned, 0.5)
         group = next(g for w in _channels.channel_wrappers(pruned) for g in w._owned
@@ -329,7 +333,7 @@ def test_inputs_and_outputs_are_never_pruned():
     out = layers.Conv2D(3, 1, name="head")(x)  # a model output: kept whole
     model = keras.Model(inputs, out)
     x_data = np.random.default_rng(0).normal(size=(32, 8, 8, 4)).astype("float32")
-    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), structure="channels")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), structure="channels", channel_multiple=EXACT)
     pruned.compile(optimizer="adam", loss="mse")
     pruned.fit(x_data, np.zeros((32, 8, 8, 3)), verbose=0,
                callbacks=[tfopt.callbacks.PruningStep()])
@@ -372,14 +376,14 @@ def test_strict_raises_naming_the_coupling_and_leaves_the_model_as_it_was():
     before = snapshot(model)
     with pytest.raises(errors.UnsupportedLayerError,
                        match=r"(?s)before_ln .*LayerNormalization 'ln'.*strict=False"):
-        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", strict=True)
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT, strict=True)
     after = snapshot(model)
     assert before[0] == after[0] and before[2] == after[2]
     for a, b in zip(before[1], after[1]):
         np.testing.assert_array_equal(a, b)
     assert not has_tfopt_objects(model)
     with pytest.warns(UserWarning, match="before_ln"):  # and prunes again, warning
-        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
 
 
 def test_unknown_operations_on_channels_are_unfollowable():
@@ -389,7 +393,7 @@ def test_unknown_operations_on_channels_are_unfollowable():
     x = layers.Conv2D(8, 3, padding="same", activation="relu", name="next")(x)
     model = keras.Model(inputs, layers.Dense(10, name="out")(layers.Flatten()(x)))
     with pytest.raises(errors.UnsupportedLayerError, match=r"conv .*Flip"):
-        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", strict=True)
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT, strict=True)
 
 
 def test_a_failure_while_rewriting_leaves_the_model_unchanged(monkeypatch):
@@ -401,7 +405,7 @@ def test_a_failure_while_rewriting_leaves_the_model_unchanged(monkeypatch):
 
     monkeypatch.setattr(_channels.PruneChannels, "build", broken_build)
     with pytest.raises(RuntimeError, match="boom"):
-        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
     after = snapshot(model)
     assert before[0] == after[0] and before[2] == after[2]
     assert not has_tfopt_objects(model)
@@ -421,7 +425,7 @@ def test_a_subclassed_model_gets_an_error_that_says_what_to_do():
     net(np.zeros((1, 8, 8, 1), "float32"))
     with pytest.raises(errors.UnsupportedModelError,
                        match=r"subclassed model \(Net\).*functional API.*keras.Sequential"):
-        tfopt.prune(net, tfopt.ConstantSparsity(0.5), structure="channels")
+        tfopt.prune(net, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -445,11 +449,11 @@ def test_nothing_to_prune_when_every_channel_is_an_output():
     inputs = keras.Input((8,))
     model = keras.Model(inputs, layers.Dense(4, name="only")(inputs))
     with pytest.raises(errors.NothingToPruneError, match="by channels"):
-        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
 
 
 def test_fit_without_pruning_step_says_to_add_it():
-    pruned = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), structure="channels")
+    pruned = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
     with pytest.raises(errors.PruningStepMissingError, match="PruningStep"):
         fit(pruned, callbacks=[])
 
@@ -459,7 +463,7 @@ def test_whole_save_before_strip_says_what_to_do_and_weights_round_trip(tmp_path
     with pytest.raises(errors.ConfigError, match="save_weights_only=True"):
         pruned.save(tmp_path / "p.keras")
     pruned.save_weights(tmp_path / "p.weights.h5")
-    fresh = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), structure="channels")
+    fresh = tfopt.prune(functional(), tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
     fresh.load_weights(tmp_path / "p.weights.h5")
     x = small_data(8)[0]
     np.testing.assert_allclose(outputs(fresh, x), outputs(pruned, x), rtol=1e-6, atol=1e-6)
@@ -476,7 +480,7 @@ def test_keras_applications_prune_and_strip_to_the_same_outputs(name):
     randomize_batchnorm(model)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # every coupling in these is followed
-        pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+        pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=EXACT)
     _channels.update_masks(pruned, 0.5)
     plain = tfopt.strip(pruned)
     x = np.random.default_rng(0).uniform(-1, 1, size=(4, 32, 32, 3)).astype("float32")
@@ -490,7 +494,7 @@ def test_keras_applications_prune_and_strip_to_the_same_outputs(name):
 def test_mobilenetv2_trains_a_step_with_channel_masks():
     model = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None,
                                            classes=10, classifier_activation=None)
-    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), structure="channels")
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5, frequency=1), structure="channels", channel_multiple=EXACT)
     x, y = small_data(4, shape=(32, 32, 3))
     fit(pruned, x, y, epochs=1, batch_size=4)
     plain = tfopt.strip(pruned)
@@ -505,7 +509,7 @@ def test_channels_strip_quantize_export_onnx(tmp_path):
 
     x, y = small_data(128)
     pruned = tfopt.prune(digits_cnn(), tfopt.ConstantSparsity(0.5, frequency=1),
-                         structure="channels")
+                         structure="channels", channel_multiple=EXACT)
     fit(pruned, x, y, epochs=1)
     plain = tfopt.strip(pruned)
     qat = tfopt.quantize(plain, "int8", calibration_data=x[:32])
@@ -581,3 +585,18 @@ def test_mixed_float16_policy():
     assert plain.get_layer("conv1").kernel.dtype == "float32"
     assert width(plain, "conv1") == 4
     assert_same(pruned, plain, x, rtol=1e-3)
+
+
+def test_channels_kept_are_rounded_up_to_the_multiple():
+    importance = np.arange(20, dtype="float32")
+    assert int(_channels.channel_mask(importance, 0.5).numpy().sum()) == 10
+    assert int(_channels.channel_mask(importance, 0.5, 8).numpy().sum()) == 16
+    assert int(_channels.channel_mask(importance, 0.9, 8).numpy().sum()) == 8
+    assert int(_channels.channel_mask(importance[:6], 0.5, 8).numpy().sum()) == 6  # all
+    model = keras.Sequential([keras.Input((8, 8, 3)), layers.Conv2D(20, 3, name="a"),
+                              layers.Conv2D(4, 3, name="b")])
+    pruned = tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels")
+    _channels.update_masks(pruned, 0.5)
+    assert tfopt.strip(pruned).get_layer("a").filters == 16
+    with pytest.raises(errors.ConfigError, match="channel_multiple"):
+        tfopt.prune(model, tfopt.ConstantSparsity(0.5), structure="channels", channel_multiple=0)

@@ -1,6 +1,7 @@
 """The `tfopt` command and recipes, as a user runs them."""
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -316,3 +317,46 @@ def test_one_refused_artifact_leaves_the_others_exported_and_reported(tmp_path, 
     assert any(name.startswith("optimized saved_model") for name in benched), benched
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## What failed (fp32 export)" in report and "planted failure" in report
+
+
+def test_an_optimize_recipe_runs_the_search_and_reports_it(tmp_path):
+    from tfopt import _pipeline
+
+    recipe = _recipe.load(write(tmp_path, textwrap.dedent("""\
+        name: opt
+        model: {source: digits_cnn}
+        data: {source: digits}
+        train: {epochs: 5}
+        optimize:
+          max_accuracy_drop: 0.03
+          target: {flops: 0.6}
+          epochs: 1
+          qat_epochs: 1
+        export: {formats: [saved_model, onnx]}
+        bench: {batch_sizes: [1], repeats: 2, warmup: 0, min_seconds: 0, memory: false}
+    """)))
+    metrics = _pipeline.run(recipe, tmp_path / "run", verbose=0)
+    found = metrics["optimize"]
+    assert found["target_met"], found["message"]
+    assert metrics["counts"]["optimized"]["flops"] <= 0.6 * metrics["counts"]["baseline"]["flops"]
+    assert metrics["baseline_accuracy"] - metrics["final_accuracy"] <= 0.03 + 1e-9
+    assert metrics["channels"]  # layers that lost channels, before -> after
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Optimize" in report and "(chosen)" in report
+    assert (tmp_path / "run" / "optimize" / "pareto.png").is_file()
+    served = metrics["artifacts_accuracy"]
+    assert any(name.startswith("optimized onnx") for name in served), served
+
+
+@pytest.mark.parametrize("extra, message", [
+    ("prune: {final_sparsity: 0.5}\n", "remove prune"),
+    ("optimize: {target: {speedup: 2.0, flops: 0.5}}\n", "exactly one of speedup"),
+    ("optimize: {target: {speedup: 0.5}}\n", "'optimize.target.speedup' must be > 1"),
+    ("optimize: {max_accuracy_drop: 0.01}\n", "missing required key 'optimize.target'"),
+])
+def test_optimize_recipe_mistakes_are_named(tmp_path, extra, message):
+    base = GOOD.replace("prune:\n  final_sparsity: 0.5\n  epochs: 1\n", "")
+    if "optimize" not in extra:
+        extra += "optimize: {target: {flops: 0.5}}\n"
+    with pytest.raises(_recipe.RecipeError, match=re.escape(message)):
+        _recipe.load(write(tmp_path, base + extra))

@@ -26,6 +26,7 @@ RANKS = [
     {"tfopt.strip", "tfopt.callbacks"},
     {"tfopt.export"},
     {"tfopt.bench"},
+    {"tfopt._optimize"},
     {"tfopt", "tfopt._inspect", "tfopt._pipeline", "tfopt.cli"},
 ]
 RANK = {part: i for i, parts in enumerate(RANKS) for part in parts}

@@ -13,16 +13,23 @@ Example:
 
 from tfopt import bench, callbacks, datasets, distribute, errors, examples
 from tfopt.export import ExportResult, export
+from tfopt._optimize import (Candidate, Distiller, OptimizeResult, Sensitivity, Target,
+                             optimize, sensitivity)
 from tfopt.pruning import ConstantSparsity, PolynomialDecay, prune, sparsity
 from tfopt.quantization import QuantizationConfig, quantize
 from tfopt._version import __version__
 from tfopt.strip import strip
 
 __all__ = [
+    "Candidate",
     "ConstantSparsity",
+    "Distiller",
     "ExportResult",
+    "OptimizeResult",
     "PolynomialDecay",
     "QuantizationConfig",
+    "Sensitivity",
+    "Target",
     "__version__",
     "bench",
     "callbacks",
@@ -31,8 +38,10 @@ __all__ = [
     "errors",
     "examples",
     "export",
+    "optimize",
     "prune",
     "quantize",
+    "sensitivity",
     "sparsity",
     "strip",
 ]

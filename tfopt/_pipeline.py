@@ -445,6 +445,16 @@ def run(recipe: Recipe, output: Path, *, verbose: int = 1, resume: bool = False)
         current = stages.run("qat", "quantization-aware training",
                              lambda start=current: _quantize(start, quantize, data, step,
                                                              verbose), step)
+    if spec.get("optimize"):
+        if not resume:  # a fresh run searches afresh; --resume goes on with the search
+            shutil.rmtree(output / "optimize", ignore_errors=True)
+        found = _optimize(baseline, spec["optimize"], data, output / "optimize", step, verbose)
+        current = found.qat_model or found.model
+        quantize = found.qat_model is not None
+        metrics["optimize"] = {"summary": found.summary(), "message": found.message,
+                               "target_met": found.target_met, "table": found.table(),
+                               "chosen": found.chosen.name}
+        metrics["channels"] = _channel_counts(baseline, found.model)
     if getattr(current, "optimizer", None) is None:
         _compile(current, 1e-3)
     metrics["final_accuracy"] = data.evaluate(current)
@@ -578,6 +588,24 @@ def _channel_counts(before, after) -> dict:
             if name in new and new[name] != old[name]}
 
 
+def _optimize(model, spec, data, output: Path, step, verbose):
+    """``tfopt.optimize`` on the trained model, searching on the recipe's test split.
+
+    Its work is saved in ``output`` (``runs/<name>/optimize``), so ``tfopt run
+    --resume`` goes on with the search where it stopped.
+    """
+    target = tfopt.Target(**spec["target"])
+    step(f"optimize: {target.describe()}, within {spec.get('max_accuracy_drop', 0.01):g} of "
+         "the dense accuracy")
+    return tfopt.optimize(
+        model, data.train, validation_data=data.test, target=target, output=output,
+        max_accuracy_drop=spec.get("max_accuracy_drop", 0.01), epochs=spec.get("epochs", 5),
+        qat_epochs=spec.get("qat_epochs", 2), batch_size=spec.get("batch_size", 32),
+        learning_rate=spec.get("learning_rate", 1e-3),
+        distillation=spec.get("distillation", True), budget_seconds=spec.get("budget_seconds"),
+        max_rounds=spec.get("max_rounds", 4), verbose=1 if verbose else 0)
+
+
 def _quantize(model, spec, data, step, verbose):
     epochs = spec.get("epochs", 3)
     step(f"quantization-aware training ({spec.get('config', 'int8')}), {epochs} epoch(s)")
@@ -611,6 +639,12 @@ def _write_report(output: Path, spec, metrics, report, exports, baseline_export)
         f"| baseline (dense, float) | {100 * metrics['baseline_accuracy']:.2f}% |",
         f"| optimized | {100 * metrics['final_accuracy']:.2f}% |", "",
     ]
+    if metrics.get("optimize"):
+        found = metrics["optimize"]
+        lines += ["## Optimize", "", f"{found['summary']}.", "",
+                  "Every candidate `tfopt.optimize` tried, exported and measured on the target "
+                  "engine (its report, Pareto plot and sensitivity scan: `optimize/`):", "",
+                  found["table"], "", "![metric against latency](optimize/pareto.png)", ""]
     for precision, failed in (metrics.get("export_failures") or {}).items():
         lines += [f"## What failed ({precision} export)", "",
                   "Every other artifact was exported, validated and benchmarked; the stages "

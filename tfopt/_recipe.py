@@ -103,8 +103,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
     "": {"name": (_name, True), "seed": (_number(0, integer=True), False),
          "model": (_mapping, True), "data": (_mapping, True), "train": (_mapping, False),
          "prune": (_mapping, False), "finetune": (_mapping, False),
-         "quantize": (_mapping, False), "export": (_mapping, False),
-         "bench": (_mapping, False)},
+         "quantize": (_mapping, False), "optimize": (_mapping, False),
+         "export": (_mapping, False), "bench": (_mapping, False)},
     "model": {"source": (_string(), True), "args": (_mapping, False)},
     "data": {"source": (_string(), True), "args": (_mapping, False)},
     "train": {"epochs": (EPOCHS, False), "batch_size": (POSITIVE_INT, False),
@@ -124,6 +124,16 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Optional[str]], bool]]] = {
     "quantize": {"config": (_string(("int8",)), False), "epochs": (EPOCHS, False),
                  "batch_size": (POSITIVE_INT, False), "learning_rate": (RATE, False),
                  "calibration_samples": (POSITIVE_INT, False)},
+    "optimize": {"max_accuracy_drop": (_number(0), False), "target": (_mapping, True),
+                 "metric": (_string(("accuracy",)), False), "epochs": (POSITIVE_INT, False),
+                 "qat_epochs": (EPOCHS, False), "batch_size": (POSITIVE_INT, False),
+                 "learning_rate": (RATE, False), "distillation": (_boolean, False),
+                 "budget_seconds": (_number(0, low_open=True), False),
+                 "max_rounds": (POSITIVE_INT, False)},
+    "target": {"engine": (_string(("onnxruntime", "openvino")), False),
+               "batch_size": (POSITIVE_INT, False), "speedup": (_number(1, low_open=True), False),
+               "latency_ms": (_number(0, low_open=True), False),
+               "flops": (_number(0, 1, low_open=True, high_open=True), False)},
     "export": {"formats": (_list_of(_string(("saved_model", "frozen_graph", "onnx", "openvino",
                                                "tensorrt", "tftrt", "triton"))), False),
                "precisions": (_list_of(_string(("fp32", "fp16", "int8"))), False),
@@ -222,7 +232,7 @@ def load(path) -> Recipe:
             problem = schema[key][0](value)
             if problem:
                 problems.append(f"{where(full)}: '{dotted}' {problem}, got {value!r}")
-            elif name == "" and key in SCHEMA:
+            elif (name == "" or name == "optimize" and key == "target") and key in SCHEMA:
                 check_section(key, value, full)
         for key, (_, required) in schema.items():
             if required and key not in values:
@@ -243,6 +253,19 @@ def load(path) -> Recipe:
     if isinstance(prune, dict) and "importance" in prune and prune.get("structure") != "channels":
         problems.append(f"{where(('prune', 'importance'))}: 'prune.importance' applies to "
                         "'prune.structure: channels' only; add it or remove importance")
+    optimize = spec.get("optimize")
+    if isinstance(optimize, dict):
+        taken = [key for key in ("prune", "finetune", "quantize") if spec.get(key)]
+        if taken:
+            problems.append(f"{where(('optimize',))}: 'optimize' chooses the pruning and "
+                            f"quantization itself; remove {', '.join(taken)} (or optimize)")
+        target = optimize.get("target")
+        if isinstance(target, dict):
+            goals = [k for k in ("speedup", "latency_ms", "flops") if k in target]
+            if len(goals) != 1:
+                problems.append(f"{where(('optimize', 'target'))}: 'optimize.target' needs "
+                                "exactly one of speedup, latency_ms and flops, got "
+                                f"{goals or 'none'}")
     if problems:
         raise RecipeError("Recipe has problems:\n  " + "\n  ".join(problems))
     return Recipe(path, spec)

@@ -11,13 +11,34 @@ rewritten in place, by swapping tracked sublayers.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import keras
 
 from tfopt import _compat
+from tfopt.errors import ConfigError
 
 Replace = Callable[[keras.layers.Layer], Optional[keras.layers.Layer]]
+LayerSelection = Union[None, str, Iterable[str], Callable[[keras.layers.Layer], bool]]
+
+
+def selector(layers: LayerSelection) -> Optional[Callable[[keras.layers.Layer], bool]]:
+    """The predicate a ``layers=`` argument stands for (a name, names, or a predicate)."""
+    if layers is None:
+        return None
+    if callable(layers):
+        return layers
+    if not isinstance(layers, (str, list, tuple, set, frozenset)):
+        raise ConfigError(
+            f"layers must be a layer name, a list of names or a predicate, got {layers!r} "
+            f"({type(layers).__name__})."
+        )
+    names = {layers} if isinstance(layers, str) else set(layers)
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ConfigError(
+            f"layers must be a layer name, a list of names or a predicate, got {layers!r}."
+        )
+    return lambda layer: layer.name in names
 
 
 def walk(root: keras.layers.Layer, *, stop: Callable[[keras.layers.Layer], bool] = lambda _: False

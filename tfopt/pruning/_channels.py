@@ -60,14 +60,19 @@ _MISSING_CALLBACK = (
 )
 
 
-def channel_mask(importance: tf.Tensor, sparsity: tf.Tensor) -> tf.Tensor:
+def channel_mask(importance: tf.Tensor, sparsity: tf.Tensor, multiple: int = 1) -> tf.Tensor:
     """Keep-mask removing the ``round(sparsity * n)`` least important channels (one stays).
 
-    Ties are broken by position (a stable sort), so the result is deterministic.
+    The channels kept are rounded up to a multiple of ``multiple`` (at most
+    all ``n``). Ties are broken by position (a stable sort), so the result is
+    deterministic.
     """
     size = tf.size(importance)
     num_pruned = tf.cast(tf.round(sparsity * tf.cast(size, tf.float32)), tf.int32)
     num_pruned = tf.minimum(num_pruned, size - 1)
+    if multiple > 1:
+        kept = (size - num_pruned + multiple - 1) // multiple * multiple
+        num_pruned = size - tf.minimum(kept, size)
     order = tf.argsort(importance, stable=True)
     ranks = tf.scatter_nd(order[:, None], tf.range(size), [size])
     return tf.cast(ranks >= num_pruned, tf.float32)
@@ -81,10 +86,14 @@ class ChannelGroup:
     steps; every member wrapper reads it.
     """
 
-    def __init__(self, name: str, size: int, importance: str):
+    def __init__(self, name: str, size: int, importance: str, multiple: int = 1):
         self.name = name
         self.size = size
         self.importance = importance
+        self.multiple = multiple  # channels kept: a multiple of this (or all of them)
+        # This group's sparsity as a fraction of the schedule's (per-group widths,
+        # see set_group_fractions); 1.0: the schedule's sparsity itself.
+        self.share = 1.0
         self.mask: Optional[keras.Variable] = None
         self.filters: list[tuple["PruneChannels", keras.Variable, int]] = []
         self.scales: list[tuple["PruneChannels", keras.Variable, int]] = []
@@ -104,7 +113,8 @@ class ChannelGroup:
         return total
 
     def new_mask(self, sparsity) -> tf.Tensor:
-        return channel_mask(self.scores(), tf.cast(sparsity, tf.float32))
+        return channel_mask(self.scores(), tf.cast(sparsity, tf.float32) * self.share,
+                            self.multiple)
 
     def keep(self) -> np.ndarray:
         return keras.ops.convert_to_numpy(self.mask.value) > 0.5
@@ -366,7 +376,7 @@ def _targets(plan: graph.ChannelPlan, lp: graph.LayerPlan, groups: dict):
 
 
 def prune_channels(model, schedule: PruningSchedule, *, select=None, layers=None,
-                   strict: bool = False, importance: str = "l2"):
+                   strict: bool = False, importance: str = "l2", channel_multiple: int = 8):
     """Wrap a Sequential or functional model for channel pruning (see :func:`tfopt.prune`)."""
     if importance not in IMPORTANCE:
         raise ConfigError(f"importance must be one of {list(IMPORTANCE)}, got {importance!r}: "
@@ -409,7 +419,8 @@ def prune_channels(model, schedule: PruningSchedule, *, select=None, layers=None
     groups: dict[int, ChannelGroup] = {}
     for root in sorted(plan.pruned, key=lambda r: min(lp.order for lp in plan.producers[r])):
         first = min(plan.producers[root], key=lambda lp: lp.order)
-        groups[root] = ChannelGroup(first.layer.name, plan.spaces.size[root], importance)
+        groups[root] = ChannelGroup(first.layer.name, plan.spaces.size[root], importance,
+                                    channel_multiple)
     wrapped: dict[int, tuple] = {}
     owners: dict[int, ChannelGroup] = {}
     for lp in sorted(plan.layers.values(), key=lambda lp: lp.order):
@@ -441,6 +452,38 @@ def prune_channels(model, schedule: PruningSchedule, *, select=None, layers=None
 
 def channel_wrappers(model) -> list[PruneChannels]:
     return _tree.find(model, lambda layer: isinstance(layer, PruneChannels))
+
+
+def channel_groups(model) -> dict[str, ChannelGroup]:
+    """The channel groups of a channel-pruned model, by name (the first producer's)."""
+    return {group.name: group for wrapper in channel_wrappers(model)
+            for group in wrapper._owned}
+
+
+def set_group_fractions(model, fractions: dict[str, float]) -> None:
+    """Give each named group its own final fraction of channels to remove.
+
+    Each group then follows the schedule scaled to its fraction: with a
+    schedule ending at ``s``, a group given ``f`` is at ``f * t / s`` when the
+    schedule is at ``t``. Groups not named keep none pruned. Works on a model
+    :func:`prune_channels` wrapped; the shares are not saved with it.
+    """
+    groups = channel_groups(model)
+    unknown = sorted(set(fractions) - set(groups))
+    if unknown:
+        raise ConfigError(f"No channel group named {unknown} in {model.name!r}; its groups: "
+                          f"{sorted(groups)}.")
+    finals = {w.schedule.final_sparsity for w in channel_wrappers(model) if w._owned}
+    final = max(finals) if finals else 0.0
+    for name, group in groups.items():
+        fraction = float(fractions.get(name, 0.0))
+        if not 0.0 <= fraction < 1.0:
+            raise ConfigError(f"The fraction of group {name!r} must be in [0, 1), got "
+                              f"{fraction!r}.")
+        if fraction and not final:
+            raise ConfigError("set_group_fractions needs a schedule with a final sparsity "
+                              "above 0.")
+        group.share = fraction / final if final else 0.0
 
 
 def update_masks(model, sparsity: float) -> None:

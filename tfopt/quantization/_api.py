@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 
 def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: bool = False,
-             calibration_data=None):
+             calibration_data=None, layers: _tree.LayerSelection = None):
     """Return a model that trains with int8 fake quantization (QAT).
 
     Q/DQ go where TensorRT's explicit quantization wants them: on the input
@@ -61,6 +61,11 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
             activation ranges initialize the quantizers, so the model is
             accurate before fine-tuning. Without it, ranges start from the
             first training batch, and the model is not usable before ``fit()``.
+        layers: Which quantizable layers to quantize: a layer name, a list of
+            names, or a predicate ``layer -> bool``. ``None`` (default)
+            quantizes all of them. The others stay in float, and so do they
+            in the exported file (``tfopt.optimize`` keeps the layers whose
+            INT8 costs the most accuracy in float this way).
 
     Returns:
         The QAT model: a clone sharing layers with ``model`` for Sequential
@@ -74,6 +79,9 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     kind = _compat.check_keras_model(model)
     config = resolve(config)
     if kind == "tf_keras":
+        if layers is not None:
+            raise ConfigError("layers= works on Keras 3 models; tfmot quantizes a tf_keras "
+                              "model whole.")
         if _tfmot.is_quantized(model):
             raise AlreadyQuantizedError(_ALREADY.format(name=model.name))
         return _tfmot.quantize(model)
@@ -92,7 +100,10 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
             "tells its layers they are training and activation ranges would not be "
             "tracked. Add it and pass it on: def call(self, inputs, training=None)."
         )
-    weighted, inputs_only, left_in_float = _plan(model, config, strict)
+    select = _tree.selector(layers)
+    if isinstance(layers, (str, list, tuple, set, frozenset)):
+        _check_names(model, config, {layers} if isinstance(layers, str) else set(layers))
+    weighted, inputs_only, left_in_float = _plan(model, config, strict, select)
     _check_calibration_data(calibration_data)
 
     def replace(layer):
@@ -125,9 +136,19 @@ _ALREADY = (
 )
 
 
-def _plan(model, config: QuantizationConfig, strict: bool
+def _check_names(model, config: QuantizationConfig, names: set) -> None:
+    quantizable = {layer.name for _, layer in _tree.walk(model)
+                   if _registry.kind(layer, config) == "weighted"}
+    missing = sorted(names - quantizable)
+    if missing:
+        raise ConfigError(f"layers names {missing}, which are not quantizable layers of "
+                          f"{model.name!r}. Quantizable layers: {sorted(quantizable)}.")
+
+
+def _plan(model, config: QuantizationConfig, strict: bool, select=None
           ) -> tuple[set[int], set[int], str]:
     """Look at the whole model: what to wrap, and the summary of what stays in float."""
+    kept: list[str] = []
     weighted: set[int] = set()
     inputs_only: set[int] = set()
     unsupported: list[str] = []
@@ -135,7 +156,9 @@ def _plan(model, config: QuantizationConfig, strict: bool
     attention: collections.Counter = collections.Counter()
     for path, layer in _tree.walk(model, stop=lambda la: _registry.kind(la, config) == "weighted"):
         kind = _registry.kind(layer, config)
-        if kind == "weighted":
+        if kind == "weighted" and select is not None and not select(layer):
+            kept.append(path)
+        elif kind == "weighted":
             weighted.add(id(layer))
         elif kind == "inputs":
             inputs_only.add(id(layer))
@@ -150,10 +173,14 @@ def _plan(model, config: QuantizationConfig, strict: bool
             f"strict=True, and {len(unsupported)} layer(s) with weights cannot be "
             f"quantized: {'; '.join(unsupported)}. Use strict=False to leave them in float."
         )
+    if kept:
+        logger.info("Keeping %d layer(s) in float as asked (layers=): %s", len(kept),
+                    ", ".join(kept))
     if not weighted:
         raise NothingToQuantizeError(
             f"Nothing to quantize in model {model.name!r}: tfopt quantizes Conv*, "
-            "DepthwiseConv*, SeparableConv*, Dense and EinsumDense layers."
+            "DepthwiseConv*, SeparableConv*, Dense and EinsumDense layers"
+            + (f", and layers= left out all {len(kept)} of them." if kept else ".")
         )
     parts = []
     if listed:
