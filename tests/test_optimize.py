@@ -158,6 +158,7 @@ def test_optimize_puts_the_layer_int8_breaks_back_to_float(digits, tmp_path):
     (dict(epochs=0), "epochs"),
     (dict(metric="f1"), "metric"),
     (dict(target=tfopt.Target(flops=0.001)), "cannot be reached"),
+    (dict(target=tfopt.Target(speedup=1000.0)), "out of reach"),
 ])
 def test_bad_arguments_are_refused_before_any_training(trained_digits, digits, tmp_path,
                                                        monkeypatch, bad, match):
@@ -191,6 +192,12 @@ def test_bad_data_and_a_foreign_output_folder_are_refused(trained_digits, digits
         tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
                        output=tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="is a file"):
+        tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
+                       output=tmp_path / "mine" / "notes.txt")
+    with pytest.raises(ConfigError, match="one number"):
+        tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
+                       metric=lambda t, p: "good", output=tmp_path / "d")
 
 
 def test_a_subclassed_model_is_refused_with_the_fix(digits, tmp_path):
@@ -287,3 +294,19 @@ def test_quantize_leaves_the_layers_not_selected_in_float(trained_digits, digits
     assert "conv1" not in wrapped and {"conv2", "dense1", "logits"} <= wrapped
     with pytest.raises(ConfigError, match="not quantizable layers"):
         tfopt.quantize(compile_classifier(digits_cnn()), layers=["conv1", "flatten"])
+
+
+def test_optimize_measures_on_openvino_when_that_is_the_engine(trained_digits, digits, tmp_path):
+    pytest.importorskip("openvino")
+    (x, y), (xv, yv) = digits
+    result = tfopt.optimize(trained_digits, (x, y), validation_data=(xv[:150], yv[:150]),
+                            target=tfopt.Target(engine="openvino", flops=0.8),
+                            max_accuracy_drop=0.03, output=tmp_path / "opt", max_rounds=1,
+                            **FAST)
+    assert (result.export.paths["openvino"] / "model.xml").is_file()
+    runner = _measure.engine_runner(tmp_path / "opt" / "export", result.target)
+    assert runner.backend == "openvino_cpu"
+    predicted = np.concatenate([runner.first([xv[i:i + 50]]) for i in range(0, 150, 50)])
+    assert float(np.mean(predicted.argmax(-1) == yv[:150])) == pytest.approx(
+        result.chosen.metric)
+    assert "on openvino at batch 1" in result.summary()

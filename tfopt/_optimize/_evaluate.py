@@ -19,7 +19,9 @@ from tfopt.errors import ConfigError
 
 Metric = Union[str, Callable[[np.ndarray, np.ndarray], float]]
 
-VALIDATION_LIMIT = 100_000  # samples read from a validation dataset
+# Validation data is held in memory: at most this many samples, and this many bytes.
+VALIDATION_SAMPLES = 10_000
+VALIDATION_BYTES = 1 << 30
 
 
 def last_activation(model) -> Optional[str]:
@@ -90,9 +92,12 @@ def evaluation(model, validation_data, metric: Metric) -> Evaluation:
         if _data.is_infinite(validation_data):
             raise ConfigError("validation_data repeats forever; pass one pass of it (no "
                               ".repeat()).")
-        x, y = _data.inputs_from_dataset(validation_data, VALIDATION_LIMIT, "validation_data",
+        sample = math.prod(d or 1 for d in model.inputs[0].shape[1:]) * 4
+        limit = max(1, min(VALIDATION_SAMPLES, VALIDATION_BYTES // sample))
+        x, y = _data.inputs_from_dataset(validation_data, limit, "validation_data",
                                          sample_rank=len(model.inputs[0].shape) - 1,
                                          with_labels=True)
+        x, y = x[:limit], y[:limit]
     else:
         x, y = _pair(validation_data, "validation_data")
     x = np.asarray(x)

@@ -40,13 +40,23 @@ def require_engine(target: Target) -> None:
 
 @dataclasses.dataclass
 class Measured:
-    """One exported candidate on the engine."""
+    """One exported candidate on the engine.
+
+    ``latency_ms`` and ``reference_ms`` are medians of one interleaved timing
+    of the candidate and the reference (the dense FP32 file): their ratio is
+    the speed-up, whatever the machine was doing meanwhile.
+    """
 
     directory: Path
     runner: object  # tfopt.artifacts Runner
     latency_ms: float
+    reference_ms: float
     metric: float
     size_mb: float
+
+    @property
+    def speedup(self) -> float:
+        return self.reference_ms / self.latency_ms
 
 
 def formats_for(target: Target) -> tuple:
@@ -67,13 +77,24 @@ def engine_runner(directory: Path, target: Target):
     return runners[0]
 
 
-def time_ms(runner, batch: np.ndarray, *, min_seconds: float = 1.0) -> float:
-    """Median milliseconds per call of ``runner`` on ``batch``."""
-    from tfopt.bench._timing import measure
+def time_pair(runner, reference, batch: np.ndarray, *, seconds: float = 1.0
+              ) -> tuple[float, float]:
+    """Median milliseconds per call of ``runner`` and of ``reference``, timed interleaved
+    (``reference`` None: ``runner`` alone, returned twice)."""
+    from tfopt.bench._timing import interleaved, measure
 
-    timing = measure(lambda: runner.run([batch]), warmup=5, repeats=30,
-                     min_seconds=min_seconds)
-    return timing.p50 * 1e3
+    if reference is None:
+        timing = measure(lambda: runner.run([batch]), warmup=5, repeats=30,
+                         min_seconds=seconds)
+        return timing.p50 * 1e3, timing.p50 * 1e3
+    first = measure(lambda: reference.run([batch]), warmup=3, repeats=5)
+    rounds = 10
+    calls = max(1, int(seconds / 2 / rounds / max(first.p50, 1e-6)))
+    samples = interleaved({"runner": lambda: runner.run([batch]),
+                           "reference": lambda: reference.run([batch])},
+                          rounds=rounds, calls=calls)
+    return (float(np.median(samples["runner"])) * 1e3,
+            float(np.median(samples["reference"])) * 1e3)
 
 
 def batch_of(x: np.ndarray, size: int) -> np.ndarray:
@@ -82,8 +103,10 @@ def batch_of(x: np.ndarray, size: int) -> np.ndarray:
 
 
 def export_and_measure(model, directory: Path, target: Target, evaluation, *,
-                       calibration: np.ndarray, min_seconds: float = 1.0) -> Measured:
-    """Export ``model`` (float or QAT) into ``directory``; score and time it on the engine."""
+                       calibration: np.ndarray, reference=None, seconds: float = 1.0
+                       ) -> Measured:
+    """Export ``model`` (float or QAT) into ``directory``; score it on the engine and time
+    it there, side by side with the ``reference`` runner (the dense FP32 file)."""
     from tfopt.export import export
 
     with warnings.catch_warnings():
@@ -92,7 +115,7 @@ def export_and_measure(model, directory: Path, target: Target, evaluation, *,
                         validation_data=calibration, overwrite=True)
     runner = engine_runner(directory, target)
     metric = evaluation.runner(runner)
-    latency = time_ms(runner, batch_of(evaluation.x, target.batch_size),
-                      min_seconds=min_seconds)
+    latency, reference_ms = time_pair(runner, reference,
+                                      batch_of(evaluation.x, target.batch_size), seconds=seconds)
     size = result.sizes.get("onnx", {}).get("raw", 0) / 1e6
-    return Measured(Path(directory), runner, latency, metric, size)
+    return Measured(Path(directory), runner, latency, reference_ms, metric, size)

@@ -44,6 +44,10 @@ class Sensitivity:
         layers: ``{quantized layer: metric with that layer alone in float}``
             (empty unless asked for).
         quantized_metric: The metric with every layer quantized (None unless asked).
+        recalibrated: The metric of the model as given after the same
+            BatchNormalization re-estimation as the pruned ones: what their
+            drops are measured from, so that the re-estimation's own effect
+            is not counted as the channels' (None: no re-estimation).
     """
 
     metric: str
@@ -52,12 +56,14 @@ class Sensitivity:
     groups: dict
     layers: dict = dataclasses.field(default_factory=dict)
     quantized_metric: Optional[float] = None
+    recalibrated: Optional[float] = None
 
     def drop(self, group: str, fraction: float) -> float:
         """Metric lost removing ``fraction`` of ``group`` alone (interpolated; >= 0)."""
         points = self.groups[group]["metric"]
+        reference = self.baseline if self.recalibrated is None else self.recalibrated
         xs = [0.0] + sorted(points)
-        ys = [0.0] + [max(self.baseline - points[f], 0.0) for f in sorted(points)]
+        ys = [0.0] + [max(reference - points[f], 0.0) for f in sorted(points)]
         return float(np.interp(fraction, xs, ys))
 
     def saved(self, group: str, fraction: float) -> float:
@@ -139,7 +145,8 @@ def check_model(model) -> None:
 
 
 def channel_model(model, max_fraction: float):
-    """``model``'s copy wrapped for channel pruning, and its groups (name -> group)."""
+    """``model``'s copy wrapped for channel pruning, and the groups that can lose channels
+    (name -> group; a group no larger than the channel multiple keeps them all)."""
     from tfopt.pruning import ConstantSparsity, prune
     from tfopt.pruning import _channels
 
@@ -149,7 +156,9 @@ def channel_model(model, max_fraction: float):
         warnings.simplefilter("ignore")
         wrapped = prune(_evaluate.copy(model), ConstantSparsity(max_fraction),
                         structure="channels")
-    return wrapped, _channels.channel_groups(wrapped)
+    groups = {name: group for name, group in _channels.channel_groups(wrapped).items()
+              if group.size > group.multiple}
+    return wrapped, groups
 
 
 def stripped_at(wrapped, fractions: dict, max_fraction: float):
@@ -226,6 +235,10 @@ def measure_groups(result: Sensitivity, model, evaluation, batches, fractions, s
                    done=None) -> None:
     """Fill ``result.groups``; ``done(result)`` after each group (to save progress)."""
     wrapped, groups = channel_model(model, max(fractions))
+    if batches and result.recalibrated is None:
+        reference = _evaluate.copy(model)
+        _evaluate.recalibrate_batch_norm(reference, batches)
+        result.recalibrated = evaluation.keras(reference)
     for i, (name, group) in enumerate(groups.items()):
         if name in result.groups:  # measured before an interruption
             continue

@@ -63,12 +63,6 @@ class Target:
             _checks.number("Target.flops", self.flops, low=0.0, high=1.0, low_open=True,
                            high_open=True, hint="flops=0.4 keeps 40% of the dense FLOPs.")
 
-    def goal_ms(self, dense_ms: float) -> Optional[float]:
-        """The latency to reach, given the dense model's (None for a FLOPs target)."""
-        if self.speedup is not None:
-            return dense_ms / self.speedup
-        return self.latency_ms
-
     def describe(self) -> str:
         where = f"on {self.engine} at batch {self.batch_size}"
         if self.speedup is not None:
