@@ -332,6 +332,7 @@ def test_an_optimize_recipe_runs_the_search_and_reports_it(tmp_path):
           target: {flops: 0.6}
           epochs: 1
           qat_epochs: 1
+          max_rounds: 2
         export: {formats: [saved_model, onnx]}
         bench: {batch_sizes: [1], repeats: 2, warmup: 0, min_seconds: 0, memory: false}
     """)))

@@ -20,7 +20,7 @@ from tfopt.examples import compile_classifier, digits_cnn
 pytest.importorskip("onnxruntime")
 pytest.importorskip("tf2onnx")
 
-FAST = dict(epochs=1, qat_epochs=1, fractions=(0.5,), verbose=0)
+FAST = dict(epochs=1, qat_epochs=1, fractions=(0.5,), max_rounds=2, verbose=0)
 
 
 def _onnx_accuracy(path, x, y):
@@ -301,8 +301,7 @@ def test_optimize_measures_on_openvino_when_that_is_the_engine(trained_digits, d
     (x, y), (xv, yv) = digits
     result = tfopt.optimize(trained_digits, (x, y), validation_data=(xv[:150], yv[:150]),
                             target=tfopt.Target(engine="openvino", flops=0.8),
-                            max_accuracy_drop=0.03, output=tmp_path / "opt", max_rounds=1,
-                            **FAST)
+                            max_accuracy_drop=0.03, output=tmp_path / "opt", **FAST)
     assert (result.export.paths["openvino"] / "model.xml").is_file()
     runner = _measure.engine_runner(tmp_path / "opt" / "export", result.target)
     assert runner.backend == "openvino_cpu"

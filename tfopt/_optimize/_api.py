@@ -27,9 +27,11 @@ The search, in the order it runs (each phase's result is saved under
    over budget, the search moves back toward the dense model (bisection
    between the last point that held and the first that did not); if the
    target is missed within budget, it moves on toward the smaller models.
-   ``max_rounds`` and ``budget_seconds`` bound the search; the fastest
-   candidate within budget is returned, and the result says plainly when
-   the target was not met.
+   Once the target is met, the rounds left go on toward smaller models
+   while the budget holds. ``max_rounds`` and ``budget_seconds`` bound the
+   search; the fastest candidate within budget (by its speed-up, timed side
+   by side with the dense file) is returned, and the result says plainly
+   when the target was not met.
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ QAT_LEARNING_RATE_FACTOR = 0.1  # QAT fine-tunes at a tenth of the recovery lear
 # scan predicts a drop of START_DROP_FACTOR x the budget (at least START_DROP_FLOOR).
 START_DROP_FACTOR = 5.0
 START_DROP_FLOOR = 0.05
+# A path point is predicted to meet a latency target when it beats it by this factor:
+# a model that only just meets it when predicted often misses it when measured.
+AIM_HEADROOM = 1.1
 
 
 @dataclasses.dataclass
@@ -337,9 +342,11 @@ class _Search:
         if path.is_file():
             try:
                 state = json.loads(path.read_text())
-            except json.JSONDecodeError:
-                state = None
-            if state is None or state.get("fingerprint") != fingerprint:
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise ConfigError(f"{path} is unreadable (not the JSON optimize writes); "
+                                  "delete the folder to start over, or pass another output."
+                                  ) from None
+            if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
                 raise ConfigError(
                     f"{self.output} holds an optimize run of another model, data or settings; "
                     "pass a new output folder, or delete this one to start over.")
@@ -541,7 +548,7 @@ class _Search:
         info = self.point_info(self.path[index], f"p{index}")
         if self.target.flops is not None:
             return info["flops"] <= self.target.flops
-        gain = self.int8_gain
+        gain = self.int8_gain / AIM_HEADROOM  # aim past the target: timings vary
         if self.target.speedup is not None:
             return info["speedup"] * gain >= self.target.speedup
         return info["latency_ms"] / gain <= self.target.latency_ms
@@ -589,7 +596,11 @@ class _Search:
             good = index
             best = self.quantize_within_budget(index, pruned, fp32)
             if best.meets_target:
-                return "target met"
+                # met: the rounds left look for a faster model within the budget
+                if bad - index <= 1 or round_ + 1 == self.max_rounds:
+                    return "target met"
+                index = (index + bad) // 2
+                continue
             if bad - index <= 1:
                 return (f"the target needs more pruning than the budget allows (point "
                         f"{index + 1} was over it)" if bad <= last else
@@ -602,6 +613,8 @@ class _Search:
             # on toward the smaller models, at most halfway to the first known over budget
             index = max(index + 1, min(self.first_meeting(index + 1, bad - 1),
                                        (index + bad) // 2))
+        if any(c.meets_target and c.within_budget for c in self.candidates):
+            return "target met"
         return f"max_rounds={self.max_rounds} reached before the target was met"
 
     def recover(self, index: int):
@@ -641,7 +654,7 @@ class _Search:
             self.say(f"accuracy control: INT8 drop {candidate.drop:+.4f} is over budget; "
                      f"keeping {', '.join(float_layers)} in float")
         within = [c for c in (fp32, candidate) if c.within_budget]
-        return min(within, key=lambda c: c.latency_ms) if within else fp32
+        return max(within, key=lambda c: c.speedup) if within else fp32
 
     def layer_order(self, index: int, pruned) -> list[str]:
         def work():
@@ -739,7 +752,9 @@ class _Search:
                               "give budget_seconds more time (call again with the same "
                               "output to go on).")
         meeting = [c for c in within if c.meets_target]
-        chosen = min(meeting or within, key=lambda c: c.latency_ms)
+        # speed-ups, each timed side by side with the dense file, compare across the
+        # search; milliseconds timed minutes apart need not
+        chosen = max(meeting or within, key=lambda c: c.speedup)
         model, qat = self.models_of(chosen)
         self.say(f"exporting {chosen.name} to {self.output / 'export'}")
         from tfopt.export import export
