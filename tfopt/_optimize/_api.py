@@ -365,12 +365,14 @@ class _Search:
         partial.replace(self.output / "state.json")
 
     def say(self, message: str) -> None:
-        logger.info("%s", message)
-        if self.verbose:
-            from tqdm.auto import tqdm
+        """A progress line: on stderr with ``verbose`` (as Keras' progress bars), else logged."""
+        if not self.verbose:
+            logger.info("%s", message)
+            return
+        from tqdm.auto import tqdm
 
-            elapsed = time.monotonic() - self.started
-            tqdm.write(f"[optimize {elapsed:6.0f}s] {message}", file=sys.stderr)
+        elapsed = time.monotonic() - self.started
+        tqdm.write(f"[optimize {elapsed:6.0f}s] {message}", file=sys.stderr)
 
     def check_time(self) -> None:
         if self.budget_seconds is not None and \
