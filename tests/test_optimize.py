@@ -195,6 +195,18 @@ def test_bad_data_and_a_foreign_output_folder_are_refused(trained_digits, digits
     with pytest.raises(ConfigError, match="is a file"):
         tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
                        output=tmp_path / "mine" / "notes.txt")
+    import tensorflow as tf
+
+    with pytest.raises(ConfigError, match="train_data is empty"):
+        tfopt.optimize(trained_digits, tf.data.Dataset.from_tensor_slices((x[:0], y[:0])).batch(8),
+                       validation_data=(xv, yv), target=target, output=tmp_path / "e")
+
+    def exploding(t, p):
+        raise RuntimeError("metric exploded")
+
+    with pytest.raises(ConfigError, match="metric 'exploding' raised RuntimeError"):
+        tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
+                       metric=exploding, output=tmp_path / "f")
     with pytest.raises(ConfigError, match="one number"):
         tfopt.optimize(trained_digits, (x, y), validation_data=(xv, yv), target=target,
                        metric=lambda t, p: "good", output=tmp_path / "d")

@@ -64,7 +64,11 @@ class Evaluation:
         return self.score(np.concatenate(outputs))
 
     def score(self, y_pred: np.ndarray) -> float:
-        value = self.metric(self.y, y_pred)
+        try:
+            value = self.metric(self.y, y_pred)
+        except Exception as exc:  # noqa: BLE001 - the user's callable: say whose it is
+            raise ConfigError(f"metric {self.name!r} raised {type(exc).__name__}: {exc}. It is "
+                              "called as metric(y_true, y_pred) with numpy arrays.") from exc
         try:
             value = float(value)
         except (TypeError, ValueError):
@@ -158,7 +162,10 @@ def training_dataset(model, train_data, batch_size: int, seed: int = 0):
 
 def input_batches(dataset, count: int) -> list:
     """The inputs of the first ``count`` batches of a dataset of ``(inputs, labels)``."""
-    return [keras.ops.convert_to_numpy(x) for x, *_ in dataset.take(count)]
+    batches = [keras.ops.convert_to_numpy(x) for x, *_ in dataset.take(count)]
+    if not batches:
+        raise ConfigError("train_data is empty: pass at least one batch of (inputs, labels).")
+    return batches
 
 
 def copy(model):
