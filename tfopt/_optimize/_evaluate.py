@@ -90,12 +90,7 @@ def predict(model, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
 def evaluation(model, validation_data, metric: Metric) -> Evaluation:
     """Read the validation data; resolve the metric; refuse what cannot be scored."""
     if _data.is_dataset(validation_data):
-        if not _data.is_labelled(validation_data):
-            raise ConfigError("validation_data must yield (inputs, labels), as fit() takes; "
-                              "this dataset yields inputs alone.")
-        if _data.is_infinite(validation_data):
-            raise ConfigError("validation_data repeats forever; pass one pass of it (no "
-                              ".repeat()).")
+        _check_dataset(validation_data, "validation_data", "pass one pass of it (no .repeat()).")
         sample = math.prod(d or 1 for d in model.inputs[0].shape[1:]) * 4
         limit = max(1, min(VALIDATION_SAMPLES, VALIDATION_BYTES // sample))
         x, y = _data.inputs_from_dataset(validation_data, limit, "validation_data",
@@ -121,6 +116,15 @@ def evaluation(model, validation_data, metric: Metric) -> Evaluation:
     return Evaluation(x, np.asarray(y), score, name)
 
 
+def _check_dataset(dataset, what: str, one_pass: str) -> None:
+    """A dataset of ``(inputs, labels)`` that ends, or one ConfigError naming ``what``."""
+    if not _data.is_labelled(dataset):
+        raise ConfigError(f"{what} must yield (inputs, labels), as fit() takes; this dataset "
+                          "yields inputs alone.")
+    if _data.is_infinite(dataset):
+        raise ConfigError(f"{what} repeats forever; {one_pass}")
+
+
 def _pair(data, what: str):
     try:
         x, y = data
@@ -141,12 +145,8 @@ def training_dataset(model, train_data, batch_size: int, seed: int = 0):
     import tensorflow as tf
 
     if _data.is_dataset(train_data):
-        if not _data.is_labelled(train_data):
-            raise ConfigError("train_data must yield (inputs, labels), as fit() takes; this "
-                              "dataset yields inputs alone.")
-        if _data.is_infinite(train_data):
-            raise ConfigError("train_data repeats forever; pass one epoch of it (no "
-                              ".repeat()): tfopt.optimize counts epochs.")
+        _check_dataset(train_data, "train_data",
+                       "pass one epoch of it (no .repeat()): tfopt.optimize counts epochs.")
         rank = len(model.inputs[0].shape)
         first = tf.nest.flatten(train_data.element_spec[0])[0]
         if first.shape.rank == rank - 1:  # one sample per element
