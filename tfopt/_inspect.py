@@ -89,7 +89,7 @@ def _keras_summary(path: Path, baseline: Path | None = None) -> str:
     import tfopt
     from tfopt import _flops, _tree
     from tfopt.pruning import PruneLowMagnitude
-    from tfopt.quantization import QuantizeInputs, QuantizeWrapper
+    from tfopt.quantization import QuantizeInputs, QuantizeTable, QuantizeWrapper
 
     model = _load_keras(path)
     sparsity = tfopt.sparsity(model)
@@ -102,7 +102,9 @@ def _keras_summary(path: Path, baseline: Path | None = None) -> str:
         inner = getattr(layer, "layer", layer)
         zeros = [v for k, v in sparsity.items() if any(k == w.path for w in inner.weights)]
         quant = ""
-        if isinstance(layer, QuantizeWrapper):
+        if isinstance(layer, QuantizeTable):
+            quant = "int8 table, one scale per row"
+        elif isinstance(layer, QuantizeWrapper):
             ranges = layer.activation_ranges()
             quant = f"int8 weights per channel, input |max| {max(ranges.values()):.3g}"
         elif isinstance(layer, QuantizeInputs):

@@ -35,6 +35,82 @@ def load_digits(test_fraction: float = 0.25, seed: int = 0):
     return (x_train, y_train), (x_test, y_test)
 
 
+# Topics of Python's language reference (pydoc_data.topics), grouped into the classes
+# load_python_docs predicts.
+_DOC_CLASSES = {
+    "statements": (
+        "assert", "assignment", "async", "augassign", "await", "break", "class", "compound",
+        "context-managers", "continue", "del", "else", "exceptions", "for", "function",
+        "global", "if", "import", "nonlocal", "pass", "raise", "return", "try", "while",
+        "with", "yield"),
+    "expressions": (
+        "atom-identifiers", "atom-literals", "attribute-references", "binary", "bitwise",
+        "booleans", "calls", "comparisons", "conversions", "exprlists", "floating",
+        "formatstrings", "id-classes", "identifiers", "imaginary", "in", "integers", "lambda",
+        "numbers", "operator-summary", "power", "shifting", "slicings", "strings",
+        "subscriptions", "unary"),
+    "builtin types": (
+        "bltin-code-objects", "bltin-ellipsis-object", "bltin-null-object",
+        "bltin-type-objects", "dict", "lists", "numeric-types", "sequence-types",
+        "string-methods", "truth", "types", "typesfunctions", "typesmapping", "typesmethods",
+        "typesmodules", "typesseq", "typesseq-mutable"),
+    "data model": (
+        "attribute-access", "callable-types", "customization", "debugger",
+        "dynamic-features", "execmodel", "naming", "objects", "specialattrs",
+        "specialnames"),
+}
+
+
+def load_python_docs(sequence_length: int = 32, vocabulary_size: int = 2000,
+                     test_fraction: float = 0.25, seed: int = 0):
+    """A text classification task on Python's own language reference.
+
+    The reference's topics ship with CPython (``pydoc_data.topics``, what
+    ``help("for")`` prints; nothing is downloaded). Each sample is a window
+    of ``sequence_length`` consecutive words of one topic, and its label says
+    which part of the reference the topic belongs to: ``class_names`` =
+    statements, expressions, builtin types, data model. Windows do not
+    overlap, so no text is both in the training and the test split. Words
+    are lower-cased and split at punctuation; the ``vocabulary_size - 2``
+    most frequent words of the training split get ids from 2 (0 pads, 1 is
+    an unknown word).
+
+    Returns:
+        ``(x_train, y_train), (x_test, y_test), class_names``; ``x`` are int32
+        token ids of shape ``(samples, sequence_length)``, labels int32.
+
+    Example:
+        >>> (x_train, y_train), (x_test, y_test), names = tfopt.datasets.load_python_docs()
+        >>> x_train.shape[1], len(names)
+        (32, 4)
+    """
+    import collections
+    import re
+
+    from pydoc_data.topics import topics
+
+    if not isinstance(sequence_length, int) or sequence_length < 2:
+        raise ValueError(f"sequence_length must be an integer >= 2, got {sequence_length!r}.")
+    windows, labels = [], []
+    for label, names in enumerate(_DOC_CLASSES.values()):
+        for name in names:
+            words = re.findall(r"[a-z_]+|\d+|[^\sa-z_\d]", topics.get(name, "").lower())
+            for start in range(0, len(words) - sequence_length + 1, sequence_length):
+                windows.append(words[start:start + sequence_length])
+                labels.append(label)
+    order = np.random.default_rng(seed).permutation(len(windows))
+    test = set(order[:int(round(test_fraction * len(windows)))].tolist())
+    counts = collections.Counter(w for i, window in enumerate(windows) if i not in test
+                                 for w in window)
+    ids = {w: i + 2 for i, (w, _) in enumerate(counts.most_common(vocabulary_size - 2))}
+    x = np.array([[ids.get(w, 1) for w in window] for window in windows], np.int32)
+    y = np.array(labels, np.int32)
+    train_rows = np.array([i for i in order if i not in test], np.int64)
+    test_rows = np.array([i for i in order if i in test], np.int64)
+    return ((x[train_rows], y[train_rows]), (x[test_rows], y[test_rows]),
+            list(_DOC_CLASSES))
+
+
 # What keras.utils.image_dataset_from_directory reads, and the bytes each kind starts with.
 _IMAGE_SIGNATURES = {".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",),
                      ".png": (b"\x89PNG\r\n\x1a\n",), ".gif": (b"GIF87a", b"GIF89a"),

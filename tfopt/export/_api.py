@@ -526,6 +526,7 @@ def _build(plan: ExportPlan, stage: _staging.Staging) -> dict[str, BuiltArtifact
 
 def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[ArtifactResult]:
     results = []
+    second = None  # the feed cut to a second sequence length, and Keras' outputs there
     for fmt in plan.formats:
         artifact = built[fmt]
         errors = {}
@@ -540,6 +541,11 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
                     actual = artifact.run(plan.feed)
                 errors = {k: e.as_dict() for k, e in compare(
                     fmt, plan.reference, actual, limits, advice).items()}
+                if second is None:
+                    second = _second_length(plan)
+                if second:
+                    artifact.info["second_length"] = _validate_length(
+                        fmt, artifact, second, limits, advice)
             except ExportValidationError as exc:
                 exc.format = fmt  # which artifact failed: tfopt run exports the others
                 raise
@@ -549,6 +555,39 @@ def _validate(plan: ExportPlan, built: dict[str, BuiltArtifact]) -> list[Artifac
         results.append(ArtifactResult(fmt, plan.targets[fmt], errors, sizes(artifact.path),
                                       artifact.info))
     return results
+
+
+def _second_length(plan: ExportPlan) -> Union[tuple, bool]:
+    """The validation feed cut to half its sequence length, with Keras' outputs on it.
+
+    For models whose inputs are all sequences of any length (``(batch, None)``
+    token ids and masks, ``(batch, None, features)``): an artifact exported
+    once must serve every length, so it is checked at a second one. False
+    for other models.
+    """
+    specs = plan.signature.inputs
+    lengths = {a.shape[1] for a in plan.feed if a.ndim >= 2}
+    if not specs or any(len(s.shape) not in (2, 3) or s.shape[1] is not None for s in specs) \
+            or len(lengths) != 1 or next(iter(lengths)) < 2:
+        return False
+    length = next(iter(lengths)) // 2
+    feed = [np.ascontiguousarray(a[:, :length]) for a in plan.feed]
+    try:
+        reference = {k: np.asarray(v) for k, v in plan.signature.call(plan.model, feed).items()}
+    except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
+        logger.info("Not validated at a second sequence length (%d): the Keras model fails "
+                    "there: %s", length, " ".join(str(exc).split())[:200])
+        return False
+    return length, feed, reference
+
+
+def _validate_length(fmt: str, artifact: BuiltArtifact, second: tuple, limits, advice) -> dict:
+    """Run ``artifact`` at the second sequence length and compare it with Keras there."""
+    length, feed, reference = second
+    with third_party_quiet():
+        actual = artifact.run(feed)
+    errors = compare(f"{fmt} at sequence length {length}", reference, actual, limits, advice)
+    return {"length": length, "errors": {k: e.as_dict() for k, e in errors.items()}}
 
 
 def _classifier_labels(labels, reference: dict, signature) -> Optional[np.ndarray]:

@@ -86,6 +86,9 @@ class QatGraph:
     # the largest |int8 weight| QAT trained: within PORTABLE_WEIGHT_MAX, the file is
     # written on ONNX Runtime's reduce_range grid, which is QAT's then
     largest_weight: int = 127
+    # lookup tables QAT quantized per row: float initializer -> (int8 rows, row scales);
+    # the file stores them as int8 (see _int8_tables)
+    tables: dict = dataclasses.field(default_factory=dict)
 
 
 def dequantize(proto) -> QatGraph:
@@ -127,11 +130,21 @@ def dequantize(proto) -> QatGraph:
     per_channel = False
     per_tensor = set()
     largest = 0
+    tables = {}
+    index = _GraphIndex(graph)
     for node in graph.node:
         if node.op_type != "DequantizeLinear":
             continue
         source = node.input[0]
         quantize = producers.get(source)
+        if source in initializers and _is_table(index, node):  # an embedding, per row
+            quantized = array(source)
+            scale, zero = fake_quantized(quantized.astype(np.float32), node)
+            tables[node.output[0]] = (quantized, scale.reshape(-1))
+            weights.append(numpy_helper.from_array(
+                (quantized.astype(np.float32) * scale).astype(np.float32), node.output[0]))
+            removed.add(id(node))
+            continue
         if source in initializers:  # an int8 weight
             quantized = array(source).astype(np.float32)
             largest = max(largest, int(np.max(np.abs(quantized), initial=0)))  # zero point 0
@@ -193,7 +206,37 @@ def dequantize(proto) -> QatGraph:
     _transpose_before_pad(graph, ranges)
     _pad_into_max_pool(graph, ranges)
     return QatGraph(proto, ranges, per_channel, frozenset(per_tensor),
-                    {k: frozenset(v) for k, v in rounded_readers.items()}, largest)
+                    {k: frozenset(v) for k, v in rounded_readers.items()}, largest, tables)
+
+
+# How a lookup table is read: the rows it selects (Gather on axis 0) or a block of
+# them (Slice: a position table cut to the sequence's length).
+_LOOKUPS = {"Gather", "Slice"}
+
+
+def _is_table(index: "_GraphIndex", dq) -> bool:
+    """Whether a weight's DequantizeLinear is a per-row table that is only looked up.
+
+    Its every reader is a lookup taking it as the data input, or a Q (the
+    activation quantizer of the lookup's output, which tf2onnx moves ahead of
+    the lookup) read only by lookups.
+    """
+    axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
+    scale = index.initializers.get(dq.input[1])
+    if axis != 0 or scale is None or len(scale.dims) != 1 \
+            or dq.input[2:] and dq.input[2] not in index.initializers:
+        return False
+    readers = index.consumers[dq.output[0]]
+
+    def lookup(node, name):
+        return node.op_type in _LOOKUPS and node.input[0] == name and not any(
+            a.name == "axis" and a.i != 0 for a in node.attribute)
+
+    return bool(readers) and all(
+        lookup(r, dq.output[0]) or (r.op_type == "QuantizeLinear" and index.consumers[r.output[0]]
+                                    and all(lookup(c, r.output[0])
+                                            for c in index.consumers[r.output[0]]))
+        for r in readers)
 
 
 class _GraphIndex:
@@ -743,7 +786,101 @@ def quantize_for_cpu(qat_proto, input_names: Sequence[str], calibration: Sequenc
     _float_outputs(proto)
     _drop_idle_qdq(proto, ranges)
     _keep_qat_roundings(proto, grids, qat.rounded_readers)
+    _int8_tables(proto, qat.tables)
     return proto
+
+
+def _int8_tables(proto, tables: dict) -> None:
+    """Store each per-row quantized table as int8 and scale only the rows looked up.
+
+    ``Gather(table, ids)`` becomes ``Cast(Gather(int8, ids)) * Gather(scales,
+    ids)`` and a ``Slice`` the same way, the scales kept as a ``[rows, 1]``
+    column so that the lookup's own indices, starts and ends select them.
+    The products are the float values the QAT model looks up, exactly (an
+    int8 times a float32 scale). A reader of another kind (a tied output
+    projection) reads the whole table through a DequantizeLinear. ONNX
+    Runtime never constant-folds that one, so it dequantizes the table at
+    every run: correct, and slower.
+    """
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    index = _GraphIndex(graph)
+    before: dict[int, list] = collections.defaultdict(list)  # node id -> nodes to put ahead
+    after: dict[int, list] = collections.defaultdict(list)  # node id -> nodes to put after
+    for name, (rows, scales) in tables.items():
+        if name not in index.initializers:
+            continue
+        int8, column = f"{name}_tfopt_int8", f"{name}_tfopt_row_scales"
+        readers = index.consumers[name]
+        whole = []
+        for reader in readers:
+            if not _reads_rows(index, reader, name):
+                whole.append(reader)
+                continue
+            selected, picked = f"{reader.output[0]}_tfopt_int8", f"{reader.output[0]}_tfopt_scales"
+            scaled_input = list(reader.input)
+            scaled_input[0] = column
+            output = reader.output[0]
+            reader.input[0] = int8
+            reader.output[0] = selected
+            after[id(reader)] += [
+                _copy_with(reader, scaled_input, picked),
+                helper.make_node("Cast", [selected], [f"{selected}_float"],
+                                 to=1, name=f"{reader.name}_tfopt_cast"),
+                helper.make_node("Mul", [f"{selected}_float", picked], [output],
+                                 name=f"{reader.name}_tfopt_scale"),
+            ]
+        graph.initializer.remove(index.initializers[name])
+        graph.initializer.extend([
+            numpy_helper.from_array(np.asarray(rows, np.int8), int8),
+            numpy_helper.from_array(np.asarray(scales, np.float32).reshape(-1, 1), column)])
+        if whole:
+            flat = f"{name}_tfopt_scales_flat"
+            graph.initializer.append(
+                numpy_helper.from_array(np.asarray(scales, np.float32).reshape(-1), flat))
+            before[id(whole[0])].append(helper.make_node(
+                "DequantizeLinear", [int8, flat], [name], axis=0, name=f"{name}_tfopt_dq"))
+    if not before and not after:
+        return
+    nodes = []
+    for node in graph.node:
+        nodes.extend(before.pop(id(node), []))
+        nodes.append(node)
+        nodes.extend(after.pop(id(node), []))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _copy_with(node, inputs, output):
+    from onnx import helper
+
+    copy = helper.make_node(node.op_type, inputs, [output], name=f"{node.name}_tfopt_scales",
+                            domain=node.domain)
+    copy.attribute.extend(node.attribute)
+    return copy
+
+
+def _reads_rows(index: "_GraphIndex", node, table: str) -> bool:
+    """Whether ``node`` looks rows up in ``table`` in a way its scale column can follow:
+    a Gather on axis 0, or a Slice that starts at 0 on every axis but the first."""
+    from onnx import numpy_helper
+
+    if node.op_type not in _LOOKUPS or node.input[0] != table:
+        return False
+    if node.op_type == "Gather":
+        return all(a.i == 0 for a in node.attribute if a.name == "axis")
+    starts = index.initializers.get(node.input[1])
+    axes = index.initializers.get(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    steps = index.initializers.get(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if starts is None or (len(node.input) > 3 and node.input[3] and axes is None) \
+            or (len(node.input) > 4 and node.input[4] and steps is None):
+        return False
+    starts = numpy_helper.to_array(starts).reshape(-1)
+    axes = numpy_helper.to_array(axes).reshape(-1) if axes is not None else np.arange(len(starts))
+    steps = numpy_helper.to_array(steps).reshape(-1) if steps is not None else np.ones(len(starts))
+    return all((axis == 0 and step == 1) or (start == 0 and step == 1)
+               for start, axis, step in zip(starts, axes, steps))
 
 
 def _fold(source: Path, target: Path) -> None:

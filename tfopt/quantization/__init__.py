@@ -2,6 +2,6 @@
 
 from tfopt.quantization._api import is_quantized, quantize
 from tfopt.quantization._config import QuantizationConfig
-from tfopt.quantization._wrapper import QuantizeInputs, QuantizeWrapper
+from tfopt.quantization._wrapper import QuantizeInputs, QuantizeTable, QuantizeWrapper
 
-__all__ = ["QuantizationConfig", "QuantizeInputs", "QuantizeWrapper", "is_quantized", "quantize"]
+__all__ = ["QuantizationConfig", "QuantizeInputs", "QuantizeTable", "QuantizeWrapper", "is_quantized", "quantize"]

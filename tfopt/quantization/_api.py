@@ -16,7 +16,8 @@ from tfopt.errors import (
 )
 from tfopt.quantization import _registry, _tfmot
 from tfopt.quantization._config import QuantizationConfig, resolve
-from tfopt.quantization._wrapper import QuantizeInputs, QuantizeWrapper, _ActivationQuantizer
+from tfopt.quantization._wrapper import (QuantizeInputs, QuantizeTable, QuantizeWrapper,
+                                         _ActivationQuantizer)
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,14 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     select = _tree.selector(layers)
     if isinstance(layers, (str, list, tuple, set, frozenset)):
         _check_names(model, config, {layers} if isinstance(layers, str) else set(layers))
-    weighted, inputs_only, left_in_float = _plan(model, config, strict, select)
+    weighted, tables, inputs_only, left_in_float = _plan(model, config, strict, select)
     _check_calibration_data(calibration_data)
 
     def replace(layer):
         if id(layer) in weighted:
             wrapper = QuantizeWrapper(layer, config)
+        elif id(layer) in tables:
+            wrapper = QuantizeTable(layer, config)
         elif id(layer) in inputs_only:
             wrapper = QuantizeInputs(layer, config)
         else:
@@ -126,8 +129,8 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     _compat.reset_compiled_functions(quantized)
     if left_in_float:
         warnings.warn(left_in_float, stacklevel=2)
-    logger.info("Quantizing %d layer(s) and %d residual input set(s) of %r.",
-                len(weighted), len(inputs_only), model.name)
+    logger.info("Quantizing %d layer(s), %d lookup table(s) and %d residual input set(s) "
+                "of %r.", len(weighted), len(tables), len(inputs_only), model.name)
     return quantized
 
 
@@ -138,7 +141,7 @@ _ALREADY = (
 
 def _check_names(model, config: QuantizationConfig, names: set) -> None:
     quantizable = {layer.name for _, layer in _tree.walk(model)
-                   if _registry.kind(layer, config) == "weighted"}
+                   if _registry.kind(layer, config) in ("weighted", "table")}
     missing = sorted(names - quantizable)
     if missing:
         raise ConfigError(f"layers names {missing}, which are not quantizable layers of "
@@ -146,20 +149,25 @@ def _check_names(model, config: QuantizationConfig, names: set) -> None:
 
 
 def _plan(model, config: QuantizationConfig, strict: bool, select=None
-          ) -> tuple[set[int], set[int], str]:
-    """Look at the whole model: what to wrap, and the summary of what stays in float."""
+          ) -> tuple[set[int], set[int], set[int], str]:
+    """Look at the whole model: what to wrap (layers, tables, residual inputs), and the
+    summary of what stays in float."""
     kept: list[str] = []
     weighted: set[int] = set()
+    tables: set[int] = set()
     inputs_only: set[int] = set()
     unsupported: list[str] = []
     listed: dict[str, list[str]] = collections.defaultdict(list)
     attention: collections.Counter = collections.Counter()
-    for path, layer in _tree.walk(model, stop=lambda la: _registry.kind(la, config) == "weighted"):
+    wrapped = ("weighted", "table")
+    for path, layer in _tree.walk(model, stop=lambda la: _registry.kind(la, config) in wrapped):
         kind = _registry.kind(layer, config)
-        if kind == "weighted" and select is not None and not select(layer):
+        if kind in wrapped and select is not None and not select(layer):
             kept.append(path)
         elif kind == "weighted":
             weighted.add(id(layer))
+        elif kind == "table":
+            tables.add(id(layer))
         elif kind == "inputs":
             inputs_only.add(id(layer))
         elif kind == "listed":
@@ -195,9 +203,11 @@ def _plan(model, config: QuantizationConfig, strict: bool, select=None
         parts.append("not supported (no quantizer for this layer type): " + "; ".join(unsupported))
     summary = ""
     if parts:
-        summary = (f"tfopt.quantize({model.name!r}): {len(weighted)} layer(s) quantized; left in "
+        quantized = f"{len(weighted)} layer(s)" + (
+            f" and {len(tables)} lookup table(s)" if tables else "")
+        summary = (f"tfopt.quantize({model.name!r}): {quantized} quantized; left in "
                    "float: " + " | ".join(parts) + ". See README, 'What stays in float'.")
-    return weighted, inputs_only, summary
+    return weighted, tables, inputs_only, summary
 
 
 def _check_calibration_data(data) -> None:

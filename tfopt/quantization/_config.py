@@ -43,6 +43,12 @@ class QuantizationConfig:
             ``[-127, 127]``: one more bit of weight precision, but the CPU
             INT8 file is then right only on CPUs with VNNI or AMX, and its
             manifest says so.
+        quantize_embeddings: Store lookup tables (``Embedding`` layers,
+            keras-hub's token, segment and position embeddings) as int8 with
+            one scale per row, fake-quantized the same way in training. The
+            exported file is about 4x smaller there (a BERT's token table is a
+            fifth of its weights) and no slower; the engine dequantizes only
+            the rows it looks up. ``False`` keeps tables in float.
 
     Example:
         >>> config = tfopt.QuantizationConfig(freeze_activation_ranges_after=500)
@@ -58,6 +64,7 @@ class QuantizationConfig:
     quantize_residual_adds: bool = True
     preserve_sparsity: bool = True
     portable_weights: bool = True
+    quantize_embeddings: bool = True
 
     def __post_init__(self):
         for name in ("weight_bits", "activation_bits"):
@@ -75,7 +82,7 @@ class QuantizationConfig:
                 f"({type(decay).__name__}); the default is 0.999."
             )
         for name in ("per_channel_weights", "narrow_range_weights", "quantize_residual_adds",
-                     "preserve_sparsity", "portable_weights"):
+                     "preserve_sparsity", "portable_weights", "quantize_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be True or False, got {value!r} "
@@ -102,6 +109,8 @@ class QuantizationConfig:
         config = dict(config)
         # Saved before portable weights existed: those models trained on [-127, 127].
         config.setdefault("portable_weights", False)
+        # ... and before int8 tables: their embeddings stayed float.
+        config.setdefault("quantize_embeddings", False)
         return cls(**config)
 
 

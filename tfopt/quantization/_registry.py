@@ -9,6 +9,9 @@ for one scale per tensor). ``INPUT_ONLY``: layers with several inputs that
 each get Q/DQ (a residual ``Add``, the rules' ``EVERY_INPUT_OPS``; ``Dot``,
 a product of two activations), so TensorRT can fuse them.
 ``FLOAT_BY_DESIGN``: layers with weights that stay in float on purpose.
+``TABLES``: lookup tables (embeddings), stored as int8 with one scale per row
+when ``QuantizationConfig.quantize_embeddings`` is on; no integer kernel reads
+them, the engine dequantizes the rows it looks up.
 """
 
 from __future__ import annotations
@@ -65,11 +68,16 @@ INPUT_ONLY: tuple[type, ...] = (layers.Add, layers.Dot)
 # cost a second convolution per step.
 FLOAT_BY_DESIGN: tuple[type, ...] = (layers.BatchNormalization,)
 
+# Lookup tables: {class: {table attribute: row axis}}. keras-hub's PositionEmbedding
+# (not a keras Embedding) is matched by its name and its table attribute.
+TABLES: dict[type, dict[str, int]] = {layers.Embedding: {"embeddings": 0}}
+TABLE_NAMES: dict[str, dict[str, int]] = {"PositionEmbedding": {"position_embeddings": 0}}
+
 # Left in float on purpose and listed in quantize()'s summary: normalizations
 # that reduce over the features at run time (no weight to fold), and lookup
-# tables (no matrix product to run in int8). TensorRT and ONNX Runtime keep
-# them in float too. Classes of other packages (keras-hub's RMSNormalization,
-# LlamaLayerNorm, PositionEmbedding, ...) are matched by their names' endings.
+# tables when embeddings are not quantized (no matrix product to run in int8).
+# Classes of other packages (keras-hub's RMSNormalization, LlamaLayerNorm, ...)
+# are matched by their names' endings.
 FLOAT_LISTED: tuple[type, ...] = (
     layers.LayerNormalization, layers.GroupNormalization, layers.Embedding,
     *((layers.RMSNormalization,) if hasattr(layers, "RMSNormalization") else ()),
@@ -89,11 +97,24 @@ def weight_axes(layer) -> Optional[dict[str, Axis]]:
     return {name: (axis(layer) if callable(axis) else axis) for name, axis in entry.items()}
 
 
+def table_axes(layer) -> Optional[dict[str, int]]:
+    """``{table attribute: row axis}`` for a lookup-table layer, else None."""
+    entry = lookup(TABLES, layer)
+    if entry is None:
+        entry = next((axes for name, axes in TABLE_NAMES.items()
+                      if type(layer).__name__.endswith(name)
+                      and all(hasattr(layer, a) for a in axes)), None)
+    return dict(entry) if entry is not None else None
+
+
 def kind(layer, config: QuantizationConfig) -> str:
-    """``"weighted"``, ``"inputs"``, ``"float"`` (by design or weightless), ``"listed"``
-    (float by design, and named in the summary) or ``"unsupported"``."""
+    """``"weighted"``, ``"table"`` (an int8 lookup table), ``"inputs"``, ``"float"``
+    (by design or weightless), ``"listed"`` (float by design, and named in the
+    summary) or ``"unsupported"``."""
     if lookup(WEIGHTED, layer) is not None:
         return "weighted"
+    if config.quantize_embeddings and layer.weights and table_axes(layer) is not None:
+        return "table"
     if isinstance(layer, INPUT_ONLY):
         return "inputs" if (config.quantize_residual_adds or isinstance(layer, layers.Dot)) else "float"
     if isinstance(layer, FLOAT_BY_DESIGN) or not layer.weights:

@@ -13,7 +13,7 @@ from tfopt._substitute import call_with_weights
 from tfopt._tree import QUANTIZATION
 from tfopt.quantization._config import QuantizationConfig
 from tfopt.quantization._ops import fake_quant_activation, fake_quant_weight, weight_amax
-from tfopt.quantization._registry import SEPARABLE, weight_axes
+from tfopt.quantization._registry import SEPARABLE, table_axes, weight_axes
 
 
 class _ActivationQuantizer(keras.layers.Wrapper):
@@ -85,9 +85,16 @@ class QuantizeWrapper(_ActivationQuantizer):
     model was quantized stay zero.
     """
 
+    def _axes(self) -> dict:
+        """``{weight attribute: channel axis}`` of the weights this wrapper quantizes."""
+        return weight_axes(self.layer)
+
+    def _max_level(self):
+        return self.config.weight_max_level
+
     def build(self, input_shape=None):
         super().build(input_shape)
-        axes = weight_axes(self.layer)
+        axes = self._axes()
         self._weights_axes = [(getattr(self.layer, name), axis) for name, axis in axes.items()]
         self._masks = []
         if self.config.preserve_sparsity:
@@ -99,11 +106,14 @@ class QuantizeWrapper(_ActivationQuantizer):
             ]
         # (masked weight, range) per weight while constant_weights() is active, else None
         self._constant_weights = None
+        self._build_ranges()
+        self._add_step()
+        self.built = True
+
+    def _build_ranges(self) -> None:
         self.input_amax = self._add_range("input_amax")
         if isinstance(self.layer, SEPARABLE):
             self.pointwise_input_amax = self._add_range("pointwise_input_amax")
-        self._add_step()
-        self.built = True
 
     def record_sparsity(self) -> None:
         """Remember which weights are zero now, so QAT keeps them zero."""
@@ -135,7 +145,7 @@ class QuantizeWrapper(_ActivationQuantizer):
                 value, amax = self._masked(i), None
             result.append((variable, fake_quant_weight(
                 value, axis, self.config.weight_bits, self.config.narrow_range_weights, amax,
-                max_level=self.config.weight_max_level)))
+                max_level=self._max_level())))
         return result
 
     def _masked(self, i: int) -> tf.Tensor:
@@ -176,6 +186,46 @@ class QuantizeWrapper(_ActivationQuantizer):
                      else (1, layer.filters) + (1,) * layer.rank)
             y = keras.ops.add(y, keras.ops.reshape(keras.ops.cast(layer.bias, dtype), shape))
         return layer.activation(y) if layer.activation is not None else y
+
+
+@keras.saving.register_keras_serializable(package="tfopt")
+class QuantizeTable(QuantizeWrapper):
+    """Fake-quantizes a lookup table (an embedding) per row; its input (ids) is left alone.
+
+    Symmetric int8 with one scale per row, on the full [-127, 127] grid: the
+    rows looked up are dequantized before any integer kernel reads them, so
+    the CPU pair-sum limit that keeps weights on [-64, 64] does not apply.
+    Exported as an int8 table that the engine reads through its lookup
+    (``Gather``) and scales row by row.
+    """
+
+    def _axes(self) -> dict:
+        return table_axes(self.layer)
+
+    def __getattr__(self, name):
+        # Another layer may read the table it shares (a tied output projection reads
+        # ``embedding.embeddings``): it finds the wrapped layer's attribute, float.
+        layer = self.__dict__.get("layer")
+        if layer is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(layer, name)
+
+    def _max_level(self):
+        return 2 ** (self.config.weight_bits - 1) - 1
+
+    def _build_ranges(self) -> None:
+        pass  # ids are not quantized
+
+    def call(self, inputs, *args, training=None, **kwargs):
+        if training:
+            self.qat_step.assign_add(1)
+        if kwargs.get("reverse"):
+            # keras-hub's ReversibleEmbedding as a tied output projection: a matrix
+            # product of activations with the table, which stays float (a lookup reads
+            # the int8 rows; a product would need another grid).
+            return self.layer(inputs, *args, **kwargs)
+        return call_with_weights(self, self.layer, self.quantized_weights(), inputs,
+                                 *args, **kwargs)
 
 
 @keras.saving.register_keras_serializable(package="tfopt")
