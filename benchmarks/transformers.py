@@ -280,9 +280,11 @@ def main() -> None:
     batches = [int(v) for v in args.batches.split(",")]
 
     import keras_hub
+    import openvino
 
     results = {"environment": {"onnxruntime": ort.__version__, "tfopt": tfopt.__version__,
                                "keras_hub": keras_hub.__version__,
+                               "openvino": openvino.__version__.split("-")[0],
                                "cpu": _cpu_int8.describe_cpu()},
                "configs": {}}
     print(f"{results['environment']['cpu']}; onnxruntime {ort.__version__}", flush=True)

@@ -173,3 +173,23 @@ def test_a_tied_table_is_looked_up_in_int8_and_projects_in_float(tmp_path):
     kinds = {i.name: i.data_type for i in proto.graph.initializer}
     assert any(n.op_type == "Gather" and kinds.get(n.input[0]) == onnx.TensorProto.INT8
                for n in proto.graph.node)
+
+
+def test_a_file_that_fails_at_the_second_length_is_refused_and_nothing_is_written(
+        tmp_path, monkeypatch):
+    from tfopt.export import _api
+
+    inputs = keras.Input((None,), dtype="int32", name="ids")
+    x = layers.GlobalAveragePooling1D()(layers.Embedding(40, 8)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(x))
+    ids = np.random.default_rng(0).integers(0, 40, (8, 10)).astype("int32")
+    second = _api._second_length
+
+    def broken(plan):  # a feed the engine cannot run, where Keras could
+        length, full, feed, reference = second(plan)
+        return length, full, [a.astype("float64") for a in feed], reference
+
+    monkeypatch.setattr(_api, "_second_length", broken)
+    with pytest.raises(tfopt.errors.ExportValidationError, match="fails at 5"):
+        tfopt.export(model, tmp_path / "out", formats=("onnx",), validation_data=ids)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -570,7 +570,8 @@ def _second_length(plan: ExportPlan) -> Union[tuple, bool]:
     if not specs or any(len(s.shape) not in (2, 3) or s.shape[1] is not None for s in specs) \
             or len(lengths) != 1 or next(iter(lengths)) < 2:
         return False
-    length = next(iter(lengths)) // 2
+    full = next(iter(lengths))
+    length = full // 2
     feed = [np.ascontiguousarray(a[:, :length]) for a in plan.feed]
     try:
         reference = {k: np.asarray(v) for k, v in plan.signature.call(plan.model, feed).items()}
@@ -578,14 +579,23 @@ def _second_length(plan: ExportPlan) -> Union[tuple, bool]:
         logger.info("Not validated at a second sequence length (%d): the Keras model fails "
                     "there: %s", length, " ".join(str(exc).split())[:200])
         return False
-    return length, feed, reference
+    return length, full, feed, reference
 
 
 def _validate_length(fmt: str, artifact: BuiltArtifact, second: tuple, limits, advice) -> dict:
     """Run ``artifact`` at the second sequence length and compare it with Keras there."""
-    length, feed, reference = second
-    with third_party_quiet():
-        actual = artifact.run(feed)
+    length, full, feed, reference = second
+    try:
+        with third_party_quiet():
+            actual = artifact.run(feed)
+    except Exception as exc:  # the engine's own error type: ORT, OpenVINO, TensorFlow
+        raise ExportValidationError(
+            f"The {fmt} artifact runs at sequence length {full} "
+            f"but fails at {length}, where the Keras model runs: "
+            f"{' '.join(str(exc).split())[:300]}. Nothing was written. The model's inputs "
+            "take any length (None), so the file should too; a layer that fixes the length "
+            "when converted is the cause. Export with input_signature= at the one length you "
+            "serve, or report it to tfopt with the model's summary.") from None
     errors = compare(f"{fmt} at sequence length {length}", reference, actual, limits, advice)
     return {"length": length, "errors": {k: e.as_dict() for k, e in errors.items()}}
 
