@@ -193,3 +193,23 @@ def test_a_file_that_fails_at_the_second_length_is_refused_and_nothing_is_writte
     with pytest.raises(tfopt.errors.ExportValidationError, match="fails at 5"):
         tfopt.export(model, tmp_path / "out", formats=("onnx",), validation_data=ids)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_layer_normalization_is_one_onnx_node(tmp_path, center):
+    # tf2onnx writes Keras' LayerNormalization as 13 nodes ONNX Runtime runs one by one;
+    # the export makes it one LayerNormalization node (the whole pattern only).
+    inputs = keras.Input((None, 12), name="x")
+    x = layers.LayerNormalization(center=center, name="ln")(layers.Dense(12)(inputs))
+    model = keras.Model(inputs, layers.Dense(3)(x))
+    model.get_layer("ln").gamma.assign(np.linspace(0.5, 2.0, 12).astype("float32"))
+    if center:
+        model.get_layer("ln").beta.assign(np.linspace(-1.0, 1.0, 12).astype("float32"))
+    data = np.random.default_rng(0).normal(size=(8, 6, 12)).astype("float32")
+    result = tfopt.export(model, tmp_path, formats=("onnx",), validation_data=data)
+    ops = [n.op_type for n in onnx.load(str(result.paths["onnx"])).graph.node]
+    if center:
+        assert ops.count("LayerNormalization") == 1 and "GlobalAveragePool" not in ops, ops
+    else:  # another pattern: left as tf2onnx wrote it
+        assert "LayerNormalization" not in ops
+    assert all(e["max_abs"] < 1e-5 for e in result.errors["onnx"].values()), result.errors

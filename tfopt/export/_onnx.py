@@ -92,6 +92,8 @@ def convert(serve, signature: ModelSignature, *, opset: int = DEFAULT_OPSET,
     del graph_def, concrete
     proto = _from_graph_def(graph_defs, input_names, output_names, opset)
     _replace_erfc(proto)
+    if opset >= 17:
+        _fuse_layer_norms(proto)
     keys = tf.nest.flatten({k: k for k in structured_outputs})
     _rename_io(proto, dict(zip(input_names, signature.input_names)),
                dict(zip(output_names, keys)), signature.outputs)
@@ -376,6 +378,110 @@ def _replace_erfc(proto) -> None:
         nodes.append(helper.make_node("Sub", [one, erf_out], [node.output[0]], name=node.name))
     del graph.node[:]
     graph.node.extend(nodes)
+
+
+def _fuse_layer_norms(proto) -> int:
+    """Write each Keras LayerNormalization as one ONNX ``LayerNormalization`` node.
+
+    tf2onnx spells Keras 3's layer normalization (over the last axis) out as
+    13 nodes: ``mean = GlobalAveragePool(x)``, ``var =
+    GlobalAveragePool((x - mean)^2)``, ``r = 1 / Sqrt(var + eps)``, ``m = r *
+    gamma``, then ``x * m + (beta - mean * m)``. ONNX Runtime recognizes none
+    of them as a normalization (its fusion looks for ``ReduceMean``), so a
+    BERT runs them one by one, a quarter of its INT8 time. ``GlobalAveragePool``
+    averages every axis from the third on, which is what
+    ``LayerNormalization(axis=2)`` normalizes over, so the node computes the
+    same up to float rounding. Only the whole pattern is replaced, with
+    ``gamma``, ``beta`` and ``eps`` constants and no other reader of a
+    tensor inside it; the output keeps its name. Returns how many were fused.
+    """
+    from onnx import helper, numpy_helper
+    import numpy as np
+
+    graph = proto.graph
+    initializers = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in dict.fromkeys(node.input):  # Mul(d, d) reads d once
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+
+    def only(tensor, op):
+        """The single reader of ``tensor`` if it is an ``op`` and not a graph output."""
+        readers = consumers.get(tensor, [])
+        if len(readers) == 1 and readers[0].op_type == op and tensor not in outputs:
+            return readers[0]
+        return None
+
+    def other(node, name):
+        """The input of a two-input node that is not ``name`` (None if both are)."""
+        rest = [i for i in node.input if i != name]
+        return rest[0] if len(rest) == 1 else None
+
+    def constant(name):
+        return numpy_helper.to_array(initializers[name]) if name in initializers else None
+
+    replaced: dict[int, object] = {}  # id of the node the fused one takes the place of
+    removed: set[int] = set()
+    for mean_node in graph.node:
+        if mean_node.op_type != "GlobalAveragePool" or id(mean_node) in removed:
+            continue
+        x, mean = mean_node.input[0], mean_node.output[0]
+        readers = consumers.get(mean, [])
+        sub = next((r for r in readers if r.op_type == "Sub" and list(r.input) == [x, mean]), None)
+        neg = next((r for r in readers if r.op_type == "Neg"), None)
+        if len(readers) != 2 or sub is None or neg is None or mean in outputs:
+            continue
+        square = only(sub.output[0], "Mul")
+        if square is None or list(square.input) != [sub.output[0]] * 2:
+            continue
+        var_node = only(square.output[0], "GlobalAveragePool")
+        add_eps = var_node and only(var_node.output[0], "Add")
+        eps = add_eps and constant(other(add_eps, var_node.output[0]))
+        sqrt = add_eps and only(add_eps.output[0], "Sqrt")
+        recip = sqrt and only(sqrt.output[0], "Reciprocal")
+        scale_node = recip and only(recip.output[0], "Mul")
+        if scale_node is None or eps is None or np.size(eps) != 1:
+            continue
+        gamma = other(scale_node, recip.output[0])
+        scaled = scale_node.output[0]
+        pair = consumers.get(scaled, [])
+        mul_x = next((r for r in pair if r.op_type == "Mul" and x in r.input), None)
+        mul_mean = next((r for r in pair if r.op_type == "Mul" and neg.output[0] in r.input), None)
+        if len(pair) != 2 or mul_x is None or mul_mean is None or scaled in outputs \
+                or only(neg.output[0], "Mul") is not mul_mean or constant(gamma) is None:
+            continue
+        shift = only(mul_mean.output[0], "Add")
+        beta = shift and other(shift, mul_mean.output[0])
+        total = shift and only(shift.output[0], "Add")
+        if total is None or constant(beta) is None or only(mul_x.output[0], "Add") is not total \
+                or sorted(total.input) != sorted([mul_x.output[0], shift.output[0]]):
+            continue
+        names = []
+        for role, name in (("scale", gamma), ("bias", beta)):
+            value = constant(name).astype(np.float32)
+            while value.ndim > 1 and value.shape[0] == 1:  # [1, 1, H] -> [H]
+                value = value[0]
+            names.append(f"{total.output[0]}__tfopt_ln_{role}")
+            graph.initializer.append(numpy_helper.from_array(value, names[-1]))
+        fused = helper.make_node(
+            "LayerNormalization", [x, *names], [total.output[0]], axis=2,
+            epsilon=float(np.asarray(eps).reshape(())), name=f"{total.name}__tfopt_layer_norm")
+        chain = (mean_node, sub, square, var_node, add_eps, sqrt, recip, scale_node, neg,
+                 mul_x, mul_mean, shift, total)
+        removed.update(id(n) for n in chain)
+        replaced[id(total)] = fused
+    if not replaced:
+        return 0
+    nodes = [replaced.get(id(n), n) for n in graph.node
+             if id(n) not in removed or id(n) in replaced]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    used = {i for n in graph.node for i in n.input}
+    live = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(live)
+    return len(replaced)
 
 
 def _rename_io(proto, inputs: dict[str, str], outputs: dict[str, str], order) -> None:
