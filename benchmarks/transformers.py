@@ -30,6 +30,9 @@ file's logits with the Keras QAT model's on held-out windows (the float
 file with the float model's) and their argmax agreement. The CPU's name and
 instruction sets head the output and the JSON.
 
+The JSON keeps the configurations a run did not measure (with the
+environment they were measured in), so ``--configs small`` refreshes one.
+
 Usage: python benchmarks/transformers.py [--configs small,base] [--lengths 128,512]
        [--batches 1,8] [--seconds 25] [--float-tables]
        [--json benchmarks/results/transformers.json]
@@ -316,8 +319,15 @@ def main() -> None:
             results["configs"][name] = result
             print_table(name, result)
             del prepared
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    path = Path(args.json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # keep the configurations this run did not measure, with their machine
+        earlier = json.loads(path.read_text())
+        for other, result in earlier.get("configs", {}).items():
+            if other not in results["configs"]:
+                results["configs"][other] = {**result,
+                                             "environment": earlier.get("environment")}
+    path.write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
 
 

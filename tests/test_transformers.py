@@ -213,3 +213,28 @@ def test_layer_normalization_is_one_onnx_node(tmp_path, center):
     else:  # another pattern: left as tf2onnx wrote it
         assert "LayerNormalization" not in ops
     assert all(e["max_abs"] < 1e-5 for e in result.errors["onnx"].values()), result.errors
+
+
+def test_token_ids_the_model_cannot_take_are_named_before_anything_runs(tmp_path):
+    inputs = keras.Input((None,), dtype="int32", name="ids")
+    x = layers.GlobalAveragePooling1D()(layers.Embedding(40, 8)(inputs))
+    model = keras.Model(inputs, layers.Dense(2)(x))
+    ids = np.random.default_rng(0).integers(0, 40, (8, 10)).astype("int32")
+    with pytest.raises(tfopt.errors.ConfigError, match="cannot run calibration_data"):
+        tfopt.quantize(model, calibration_data=ids + 40)  # out of the table's range
+    with pytest.raises(tfopt.errors.ConfigError, match="fractional values"):
+        tfopt.export(model, tmp_path / "out", formats=("onnx",),
+                     validation_data=ids.astype("float32") + 0.7)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_composite_embedding_is_not_listed_as_float_when_its_tables_are_int8():
+    hub = _hub()
+    model = hub.models.DistilBertBackbone(vocabulary_size=100, num_layers=1, num_heads=2,
+                                          hidden_dim=16, intermediate_dim=32,
+                                          max_sequence_length=16)
+    with pytest.warns(UserWarning) as caught:
+        qat = tfopt.quantize(model)
+    summary = next(str(w.message) for w in caught if "left in float" in str(w.message))
+    assert "2 lookup table(s)" in summary and "Embedding" not in summary, summary
+    assert len([w for w in quant_wrappers(qat) if isinstance(w, QuantizeTable)]) == 2

@@ -256,6 +256,14 @@ def as_feed(signature: ModelSignature, data) -> list[np.ndarray]:
                 f"the model expects {_shape(spec.shape)} (None: any size). Pass a batch "
                 "of real inputs, e.g. x_test[:64]."
             )
+        if spec.dtype.is_integer and array.dtype.kind == "f" \
+                and not np.array_equal(array, np.trunc(array), equal_nan=False):
+            raise ConfigError(
+                f"validation_data for input {spec.name!r} holds fractional values (e.g. "
+                f"{array[array != np.trunc(array)].flat[0]!r}), but the model takes "
+                f"{spec.dtype.name} (token ids?): casting would change them. Pass the "
+                "integer values the model is served with."
+            )
     return [a.astype(spec.dtype.as_numpy_dtype, copy=False)
             for a, spec in zip(arrays, signature.inputs)]
 

@@ -30,9 +30,12 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
     and weights of every Conv (depthwise and separable included), Dense and
     EinsumDense layer (so the projections and feed-forward layers of
     transformers: MultiHeadAttention, keras-hub encoder and decoder blocks),
-    and on both inputs of residual ``Add`` (and ``Dot``) layers. Normalizations
-    (LayerNormalization, RMS norms), embeddings and the attention score and
-    context products stay in float; they are listed in one warning. Weights
+    and on both inputs of residual ``Add`` (and ``Dot``) layers. Embedding
+    tables (``Embedding``, keras-hub's token and position embeddings) become
+    int8 with one scale per row (``QuantizationConfig(quantize_embeddings=
+    False)`` keeps them float). Normalizations (LayerNormalization, RMS norms)
+    and the attention score and context products stay in float; they are
+    listed in one warning. Weights
     are quantized symmetrically per output channel in [-64, 64] (the grid
     every x86 CPU computes exactly; ``QuantizationConfig(portable_weights=
     False)`` for [-127, 127]); activations per tensor with ranges tracked by
@@ -55,8 +58,8 @@ def quantize(model, config: Union[str, QuantizationConfig] = "int8", *, strict: 
         config: ``"int8"`` or a :class:`tfopt.QuantizationConfig`.
         strict: Raise on layers with weights that tfopt cannot quantize
             (instead of leaving them in float and listing them in the
-            warning). Layers kept in float by design (normalizations,
-            embeddings) never raise.
+            warning). Layers kept in float by design (normalizations, and
+            embeddings with ``quantize_embeddings=False``) never raise.
         calibration_data: Inputs (an array, a dict of arrays, or a
             ``tf.data.Dataset`` of inputs or ``(inputs, labels)``) whose
             activation ranges initialize the quantizers, so the model is
@@ -170,7 +173,8 @@ def _plan(model, config: QuantizationConfig, strict: bool, select=None
             tables.add(id(layer))
         elif kind == "inputs":
             inputs_only.add(id(layer))
-        elif kind == "listed":
+        elif kind == "listed" and not _compat.direct_sublayers(layer):
+            # a composite (keras-hub's TokenAndPositionEmbedding) is its sublayers
             listed[type(layer).__name__].append(path)
         elif kind == "unsupported" and not _compat.direct_sublayers(layer):
             unsupported.append(f"{path} ({type(layer).__name__})")
@@ -255,7 +259,7 @@ def calibrate(model, data, batch_size: int = 64) -> None:
         for batch in batches:
             try:
                 model(batch, training=False)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, tf.errors.InvalidArgumentError) as exc:
                 if isinstance(exc, ConfigError):
                     raise
                 raise ConfigError(
