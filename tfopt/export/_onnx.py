@@ -459,7 +459,7 @@ def _fuse_layer_norms(proto) -> int:
             continue
         names = []
         for role, name in (("scale", gamma), ("bias", beta)):
-            value = constant(name).astype(np.float32)
+            value = constant(name)  # its own type: LayerNormalization's X, scale and bias share one
             while value.ndim > 1 and value.shape[0] == 1:  # [1, 1, H] -> [H]
                 value = value[0]
             names.append(f"{total.output[0]}__tfopt_ln_{role}")

@@ -221,11 +221,15 @@ def _is_table(index: "_GraphIndex", dq) -> bool:
     activation quantizer of the lookup's output, which tf2onnx moves ahead of
     the lookup) read only by lookups.
     """
+    from onnx import numpy_helper
+
     axis = next((a.i for a in dq.attribute if a.name == "axis"), 1)
     scale = index.initializers.get(dq.input[1])
+    zero = index.initializers.get(dq.input[2]) if dq.input[2:] and dq.input[2] else None
     if axis != 0 or scale is None or len(scale.dims) != 1 \
-            or dq.input[2:] and dq.input[2] not in index.initializers:
-        return False
+            or (dq.input[2:] and dq.input[2] and zero is None) \
+            or (zero is not None and np.any(numpy_helper.to_array(zero) != 0)):
+        return False  # QAT's tables are symmetric: int8 values times one scale per row
     readers = index.consumers[dq.output[0]]
 
     def lookup(node, name):
