@@ -50,6 +50,7 @@ import tensorflow as tf
 
 from tfopt.errors import BackendUnavailableError, ExportValidationError
 from tfopt.export import _saved_model
+from tfopt.export._ort_quant import _set_nodes
 from tfopt.export._signature import ModelSignature
 
 logger = logging.getLogger(__name__)
@@ -473,14 +474,8 @@ def _fuse_layer_norms(proto) -> int:
         replaced[id(total)] = fused
     if not replaced:
         return 0
-    nodes = [replaced.get(id(n), n) for n in graph.node
-             if id(n) not in removed or id(n) in replaced]
-    del graph.node[:]
-    graph.node.extend(nodes)
-    used = {i for n in graph.node for i in n.input}
-    live = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(live)
+    _set_nodes(graph, [replaced.get(id(n), n) for n in graph.node
+                       if id(n) not in removed or id(n) in replaced])
     return len(replaced)
 
 
